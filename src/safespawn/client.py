@@ -1,0 +1,241 @@
+"""The container side of a safespawn channel: write a request, wait for its reply.
+
+This file is self-contained on purpose: it is copied beside the wrappers into agent images, so it
+imports only the standard library and runs on Python 3.9. It never needs privileges; it only
+writes files into the channel's inbox and reads the outbox.
+
+    >>> reply = submit("/var/lib/safespawn/channels/neutron-dhcp",
+    ...                start_request("dnsmasq", ["--no-hosts", ...], netns="qdhcp-..."))
+
+The channel contract (see docs/channel.md):
+    inbox/tmp/ID          the request while it is being written (never read by the host)
+    inbox/new/ID.json     a complete request: renamed from tmp/ atomically
+    inbox/trigger         touched after each request (the systemd path unit watches it)
+    outbox/replies/ID.json  the host's reply, written atomically
+    outbox/status.json    the channel's sidecars, published by the host
+"""
+
+import errno
+import json
+import os
+import secrets
+import sys
+import time
+from typing import Any, Dict, List, Optional
+
+PROTOCOL_VERSION = 1
+DEFAULT_TIMEOUT = 60.0
+NETNS_DIR = "/run/netns"
+
+# Exit codes shared with `safespawn submit`.
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_NO_BROKER = 4
+
+
+class NoBroker(Exception):
+    """No reply arrived within the timeout."""
+
+
+def new_id() -> str:
+    return secrets.token_hex(16)
+
+
+def start_request(profile: str, argv: List[str], netns: Optional[str] = None) -> Dict[str, Any]:
+    return {"v": PROTOCOL_VERSION, "id": new_id(), "op": "start", "profile": profile,
+            "netns": netns, "argv": list(argv)}
+
+
+def signal_request(signal: str, pid: Optional[int] = None, profile: Optional[str] = None,
+                   netns: Optional[str] = None) -> Dict[str, Any]:
+    req = {"v": PROTOCOL_VERSION, "id": new_id(), "op": "signal", "signal": str(signal)}  # type: Dict[str, Any]
+    if pid is not None:
+        req["pid"] = int(pid)
+    if profile is not None:
+        req["profile"] = profile
+        req["netns"] = netns
+    return req
+
+
+def stop_request(profile: str, netns: Optional[str] = None, pid: Optional[int] = None) -> Dict[str, Any]:
+    req = {"v": PROTOCOL_VERSION, "id": new_id(), "op": "stop"}  # type: Dict[str, Any]
+    if pid is not None:
+        req["pid"] = int(pid)
+    else:
+        req["profile"] = profile
+        req["netns"] = netns
+    return req
+
+
+def current_netns(netns_dir: str = NETNS_DIR) -> Optional[str]:
+    """The name of the named network namespace this process is in, like `ip netns identify`.
+
+    Compares the (device, inode) of /proc/self/ns/net with every entry of `netns_dir`.
+    Returns None when the process is in no named namespace (e.g. the host's or a container's own).
+    """
+    try:
+        mine = os.stat("/proc/self/ns/net")
+    except OSError:
+        return None
+    try:
+        names = sorted(os.listdir(netns_dir))
+    except OSError:
+        return None
+    for name in names:
+        try:
+            st = os.stat(os.path.join(netns_dir, name))
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino):
+            return name
+    return None
+
+
+def _write_request(channel_dir: str, request: Dict[str, Any]) -> str:
+    rid = request["id"]
+    data = json.dumps(request, separators=(",", ":")).encode("utf-8")
+    tmp = os.path.join(channel_dir, "inbox", "tmp", rid)
+    new = os.path.join(channel_dir, "inbox", "new", rid + ".json")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    # The rename is the commit point: the host never sees a half-written request.
+    os.rename(tmp, new)
+    try:
+        trigger = os.path.join(channel_dir, "inbox", "trigger")
+        tfd = os.open(trigger, os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        try:
+            os.write(tfd, b"")
+            os.utime(tfd)
+        finally:
+            os.close(tfd)
+    except OSError:
+        pass  # the trigger only speeds things up; the level-triggered watch and the timer still drain
+    return new
+
+
+def _read_reply(path: str, rid: str) -> Optional[Dict[str, Any]]:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(1 << 20)
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.ENOTDIR):
+            return None
+        raise
+    try:
+        reply = json.loads(raw.decode("utf-8"))
+    except ValueError:
+        return None
+    if not isinstance(reply, dict) or reply.get("id") != rid:
+        return None
+    return reply
+
+
+def submit(channel_dir: str, request: Dict[str, Any], timeout: float = DEFAULT_TIMEOUT) -> Dict[str, Any]:
+    """Write `request` into the channel and block until its reply arrives.
+
+    Raises NoBroker when no reply arrives within `timeout` seconds; the request is then withdrawn
+    from the inbox if the broker has not taken it yet.
+    """
+    rid = request["id"]
+    new = _write_request(channel_dir, request)
+    reply_path = os.path.join(channel_dir, "outbox", "replies", rid + ".json")
+    deadline = time.monotonic() + timeout
+    delay = 0.005
+    while True:
+        reply = _read_reply(reply_path, rid)
+        if reply is not None:
+            return reply
+        now = time.monotonic()
+        if now >= deadline:
+            break
+        time.sleep(min(delay, deadline - now))
+        delay = min(delay * 1.5, 0.1)
+    withdrawn = False
+    try:
+        os.unlink(new)
+        withdrawn = True
+    except OSError:
+        pass
+    if not withdrawn:
+        # The broker has taken the request: give it a moment to finish its reply.
+        grace = time.monotonic() + 5.0
+        while time.monotonic() < grace:
+            reply = _read_reply(reply_path, rid)
+            if reply is not None:
+                return reply
+            time.sleep(0.05)
+    raise NoBroker(
+        "no reply from the safespawn broker within %.0fs for request %s (%s); is the host's "
+        "safespawn-sync path unit (or `safespawn watch`) running for %s?"
+        % (timeout, rid, "withdrawn" if withdrawn else "taken but unanswered", channel_dir))
+
+
+def describe_error(reply: Dict[str, Any]) -> str:
+    err = reply.get("error") or {}
+    return "%s: %s" % (err.get("code", "error"), err.get("message", "request failed"))
+
+
+def _timeout_from_env() -> float:
+    try:
+        return float(os.environ.get("SAFESPAWN_TIMEOUT", DEFAULT_TIMEOUT))
+    except ValueError:
+        return DEFAULT_TIMEOUT
+
+
+def wrapper_main(profile: str, channel_dir: str, argv: Optional[List[str]] = None) -> int:
+    """Entry point of a program wrapper (`dnsmasq ARGS...`): ask the host to run it as a sidecar."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    request = start_request(profile, args, netns=current_netns())
+    try:
+        reply = submit(channel_dir, request, timeout=_timeout_from_env())
+    except NoBroker as e:
+        sys.stderr.write("%s: %s\n" % (profile, e))
+        return EXIT_NO_BROKER
+    except OSError as e:
+        sys.stderr.write("%s: cannot write to the safespawn channel %s: %s\n" % (profile, channel_dir, e))
+        return EXIT_FAILED
+    if reply.get("ok"):
+        return EXIT_OK
+    sys.stderr.write("%s: refused by safespawn: %s\n" % (profile, describe_error(reply)))
+    return EXIT_FAILED
+
+
+def kill_main(profile: str, channel_dir: str, argv: Optional[List[str]] = None) -> int:
+    """Entry point of a kill script (`dnsmasq-kill SIG PID`), as Neutron's kill_scripts_path runs it."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 2:
+        sys.stderr.write("usage: %s-kill SIGNAL PID\n" % profile)
+        return EXIT_USAGE
+    sig, pid_text = args
+    try:
+        pid = int(pid_text)
+    except ValueError:
+        sys.stderr.write("%s-kill: bad pid %r\n" % (profile, pid_text))
+        return EXIT_USAGE
+    request = signal_request(sig, pid=pid)
+    request["profile"] = profile
+    try:
+        reply = submit(channel_dir, request, timeout=_timeout_from_env())
+    except NoBroker as e:
+        sys.stderr.write("%s-kill: %s\n" % (profile, e))
+        return EXIT_NO_BROKER
+    except OSError as e:
+        sys.stderr.write("%s-kill: cannot write to the safespawn channel %s: %s\n" % (profile, channel_dir, e))
+        return EXIT_FAILED
+    if reply.get("ok"):
+        return EXIT_OK
+    err = reply.get("error") or {}
+    if err.get("code") == "not_found":
+        # The wording Neutron (and kill(1)) use: the caller treats it as "already gone".
+        sys.stderr.write("kill: (%d) - No such process\n" % pid)
+    else:
+        sys.stderr.write("%s-kill: refused by safespawn: %s\n" % (profile, describe_error(reply)))
+    return EXIT_FAILED

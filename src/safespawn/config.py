@@ -1,0 +1,172 @@
+"""Host configuration: /etc/safespawn/safespawn.toml.
+
+The host decides everything that matters; a request only chooses among what is configured here.
+
+    [broker]
+    channels_dir = "/var/lib/safespawn/channels"
+    state_dir = "/var/lib/safespawn/state"
+
+    [channels.neutron-dhcp]
+    image = "localhost/example:latest"
+    profiles = ["dnsmasq", "haproxy"]
+    data_dirs = ["/var/lib/neutron"]
+    max_sidecars = 256
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+DEFAULT_CONFIG = "/etc/safespawn/safespawn.toml"
+CHANNEL_RE = re.compile(r"[a-z][a-z0-9-]{0,30}")
+IMAGE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}")
+
+
+@dataclass(frozen=True)
+class ChannelConfig:
+    name: str
+    image: str
+    profiles: tuple[str, ...]
+    data_dirs: tuple[str, ...] = ()
+    max_sidecars: int = 256
+    max_requests_per_run: int = 1000
+    max_pending: int = 4096
+    max_request_bytes: int = 65536
+    # Owner of inbox/ on the host: the agent's uid/gid as seen from the host.
+    agent_uid: int = 0
+    agent_gid: int = 0
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    channels_dir: Path = Path("/var/lib/safespawn/channels")
+    state_dir: Path = Path("/var/lib/safespawn/state")
+    profiles_dir: Path = Path("/etc/safespawn/profiles")
+    netns_dir: Path = Path("/run/netns")
+    podman: str = "podman"
+    parallel_starts: int = 4
+    reply_ttl: int = 600
+    reconcile_interval: int = 60
+    podman_timeout: int = 60
+
+
+@dataclass(frozen=True)
+class Config:
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
+    channels: dict[str, ChannelConfig] = field(default_factory=dict)
+    path: Path | None = None
+
+    def channel(self, name: str) -> ChannelConfig:
+        try:
+            return self.channels[name]
+        except KeyError:
+            raise ConfigError(f"no channel {name!r} in {self.path or 'the configuration'}") from None
+
+
+def config_path(explicit: str | None = None) -> Path:
+    return Path(explicit or os.environ.get("SAFESPAWN_CONFIG") or DEFAULT_CONFIG)
+
+
+def _take(table: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str, default: Any) -> Any:
+    if key not in table:
+        return default
+    v = table.pop(key)
+    if isinstance(v, bool) and kind is not bool:
+        raise ConfigError(f"{where}.{key}: expected {kind}, got a boolean")
+    if not isinstance(v, kind):
+        raise ConfigError(f"{where}.{key}: expected {getattr(kind, '__name__', kind)}, got {type(v).__name__}")
+    return v
+
+
+def _positive(v: int, where: str) -> int:
+    if v < 1:
+        raise ConfigError(f"{where}: must be at least 1")
+    return v
+
+
+def _abs_dir(v: Any, where: str) -> str:
+    if not isinstance(v, str) or not v.startswith("/") or v != os.path.normpath(v) or v == "/":
+        raise ConfigError(f"{where}: {v!r} must be a normalized absolute directory other than /")
+    return v
+
+
+def _parse_channel(name: str, t: dict[str, Any]) -> ChannelConfig:
+    where = f"channels.{name}"
+    if not CHANNEL_RE.fullmatch(name):
+        raise ConfigError(f"{where}: channel names are lowercase letters, digits and '-' (max 31)")
+    t = dict(t)
+    image = _take(t, "image", str, where, None)
+    if image is None or not IMAGE_RE.fullmatch(image):
+        raise ConfigError(f"{where}.image: a container image reference is required")
+    profiles = _take(t, "profiles", list, where, None)
+    if not profiles or not all(isinstance(p, str) for p in profiles):
+        raise ConfigError(f"{where}.profiles: a non-empty list of profile names is required")
+    data_dirs = tuple(_abs_dir(d, f"{where}.data_dirs") for d in _take(t, "data_dirs", list, where, []))
+    c = ChannelConfig(
+        name=name,
+        image=image,
+        profiles=tuple(profiles),
+        data_dirs=data_dirs,
+        max_sidecars=_positive(_take(t, "max_sidecars", int, where, 256), f"{where}.max_sidecars"),
+        max_requests_per_run=_positive(
+            _take(t, "max_requests_per_run", int, where, 1000), f"{where}.max_requests_per_run"),
+        max_pending=_positive(_take(t, "max_pending", int, where, 4096), f"{where}.max_pending"),
+        max_request_bytes=_positive(
+            _take(t, "max_request_bytes", int, where, 65536), f"{where}.max_request_bytes"),
+        agent_uid=_take(t, "agent_uid", int, where, 0),
+        agent_gid=_take(t, "agent_gid", int, where, 0),
+    )
+    if t:
+        raise ConfigError(f"{where}: unknown keys {', '.join(sorted(t))}")
+    return c
+
+
+def parse_config(data: dict[str, Any], path: Path | None = None) -> Config:
+    data = dict(data)
+    b = dict(data.pop("broker", {}))
+    where = "broker"
+    broker = BrokerConfig(
+        channels_dir=Path(_abs_dir(_take(b, "channels_dir", str, where, "/var/lib/safespawn/channels"),
+                                   "broker.channels_dir")),
+        state_dir=Path(_abs_dir(_take(b, "state_dir", str, where, "/var/lib/safespawn/state"), "broker.state_dir")),
+        profiles_dir=Path(_abs_dir(_take(b, "profiles_dir", str, where, "/etc/safespawn/profiles"),
+                                   "broker.profiles_dir")),
+        netns_dir=Path(_abs_dir(_take(b, "netns_dir", str, where, "/run/netns"), "broker.netns_dir")),
+        podman=_take(b, "podman", str, where, "podman"),
+        parallel_starts=_positive(_take(b, "parallel_starts", int, where, 4), "broker.parallel_starts"),
+        reply_ttl=_positive(_take(b, "reply_ttl", int, where, 600), "broker.reply_ttl"),
+        reconcile_interval=_positive(_take(b, "reconcile_interval", int, where, 60), "broker.reconcile_interval"),
+        podman_timeout=_positive(_take(b, "podman_timeout", int, where, 60), "broker.podman_timeout"),
+    )
+    if b:
+        raise ConfigError(f"broker: unknown keys {', '.join(sorted(b))}")
+    channels_t = data.pop("channels", {})
+    if not isinstance(channels_t, dict):
+        raise ConfigError("channels: expected a table of channels")
+    channels = {}
+    for name, t in channels_t.items():
+        if not isinstance(t, dict):
+            raise ConfigError(f"channels.{name}: expected a table")
+        channels[name] = _parse_channel(name, t)
+    if data:
+        raise ConfigError(f"unknown top-level keys {', '.join(sorted(data))}")
+    return Config(broker=broker, channels=channels, path=path)
+
+
+def load_config(explicit: str | None = None) -> Config:
+    path = config_path(explicit)
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such configuration file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    return parse_config(data, path)

@@ -1,0 +1,1 @@
+"""Built-in sidecar profiles (TOML). Override one by writing /etc/safespawn/profiles/NAME.toml."""

@@ -1,0 +1,114 @@
+"""The podman CLI runtime: argv lists, `--format json`, explicit timeouts, never a socket."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+from typing import Any
+
+from ..errors import RuntimeFailed
+from ..sidecar import LABEL_CHANNEL, SidecarSpec
+from .base import Container
+
+log = logging.getLogger(__name__)
+
+
+def run_argv(spec: SidecarSpec, podman: str = "podman") -> list[str]:
+    """The full `podman run` command line for a spec.
+
+    Everything before the image comes from the host: the profile, the channel config, and the
+    sidecar's name/labels/netns, which the policy derived and checked. Each such value is fused
+    into a single `--option=value` token, so no value can become an option of its own. The
+    request's arguments only ever follow the image and the profile's command prefix.
+    """
+    argv = [podman, "run", "--detach", f"--name={spec.name}"]
+    for k, v in sorted(spec.labels.items()):
+        argv.append(f"--label={k}={v}")
+    if spec.netns_path is not None:
+        argv.append(f"--network=ns:{spec.netns_path}")
+    else:
+        argv.append("--network=none")
+    argv += ["--cap-drop=ALL"] + [f"--cap-add={c}" for c in spec.capabilities]
+    argv += ["--security-opt=no-new-privileges"]
+    if spec.pid_host:
+        argv.append("--pid=host")
+    if spec.read_only:
+        argv.append("--read-only")
+    for t in spec.tmpfs:
+        argv.append(f"--tmpfs={t}:rw,nosuid,nodev,noexec,size=16m")
+    for d in spec.mounts:
+        argv.append(f"--volume={d}:{d}:rw,nosuid,nodev,noexec")
+    argv += [
+        f"--restart=on-failure:{spec.restart_retries}",
+        f"--pids-limit={spec.pids_limit}",
+        "--log-opt=max-size=1mb",
+        "--stop-signal=TERM",
+        f"--stop-timeout={spec.stop_grace}",
+        "--entrypoint=" + json.dumps(list(spec.entrypoint)),
+        "--pull=never",
+        spec.image,
+    ]
+    return argv + list(spec.args)
+
+
+class PodmanRuntime:
+    def __init__(self, podman: str = "podman", timeout: int = 60) -> None:
+        self.podman = podman
+        self.timeout = timeout
+
+    def _run(self, args: list[str], timeout: float | None = None, check: bool = True) -> str:
+        argv = [self.podman, *args]
+        try:
+            p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout or self.timeout,
+                               check=False, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            raise RuntimeFailed(f"podman {args[0]} timed out after {timeout or self.timeout}s") from None
+        except OSError as e:
+            raise RuntimeFailed(f"cannot run podman: {e}") from None
+        if check and p.returncode != 0:
+            err = (p.stderr.strip() or p.stdout.strip()).splitlines()
+            raise RuntimeFailed(f"podman {args[0]} failed (rc {p.returncode}): {' '.join(err[-3:])[:500]}")
+        return p.stdout
+
+    def list(self, channel: str | None = None) -> list[Container]:
+        flt = f"label={LABEL_CHANNEL}={channel}" if channel else f"label={LABEL_CHANNEL}"
+        out = self._run(["ps", "--all", "--no-trunc", "--format=json", f"--filter={flt}"])
+        try:
+            rows: list[dict[str, Any]] = json.loads(out or "[]")
+        except ValueError as e:
+            raise RuntimeFailed(f"podman ps printed invalid JSON: {e}") from None
+        result = []
+        for r in rows:
+            names = r.get("Names") or [""]
+            result.append(Container(
+                id=str(r.get("Id", "")),
+                name=str(names[0]),
+                state=str(r.get("State", "")).lower(),
+                pid=int(r.get("Pid") or 0),
+                labels=dict(r.get("Labels") or {}),
+                started=int(r.get("StartedAt") or 0),
+                exit_code=int(r.get("ExitCode") or 0),
+            ))
+        return result
+
+    def run(self, spec: SidecarSpec) -> str:
+        return self._run(run_argv(spec, self.podman)[1:]).strip()
+
+    def signal(self, name: str, signal: str) -> None:
+        self._run(["kill", f"--signal={signal}", "--", name])
+
+    def stop(self, name: str, grace: int) -> None:
+        self._run(["stop", f"--time={grace}", "--ignore", "--", name], timeout=grace + self.timeout)
+        self.remove(name)
+
+    def remove(self, name: str) -> None:
+        self._run(["rm", "--force", "--ignore", "--time=0", "--", name])
+
+    def logs(self, name: str, lines: int = 20) -> str:
+        try:
+            p = subprocess.run([self.podman, "logs", f"--tail={lines}", "--", name], capture_output=True,
+                               text=True, timeout=self.timeout, check=False, stdin=subprocess.DEVNULL)
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+        return (p.stdout + p.stderr).strip()

@@ -1,0 +1,61 @@
+"""What a sidecar is: the container spec the policy builds and the runtime runs.
+
+A sidecar is identified by (channel, profile, key): the key is the netns name, or a value the
+profile extracts from argv when it runs without a netns. Its container name and labels are derived
+by the host from those alone, so a channel can only ever name its own sidecars.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+
+LABEL_CHANNEL = "safespawn.channel"
+LABEL_PROFILE = "safespawn.profile"
+LABEL_KEY = "safespawn.key"
+LABEL_NETNS = "safespawn.netns"
+LABEL_SPEC = "safespawn.spec"
+
+
+def sidecar_name(channel: str, profile: str, key: str) -> str:
+    return f"{channel}-{profile}-{key}"
+
+
+@dataclass(frozen=True)
+class SidecarSpec:
+    """Everything the runtime needs to run one sidecar; built by the policy, never by a request."""
+
+    name: str
+    channel: str
+    profile: str
+    key: str
+    netns: str | None
+    netns_path: str | None
+    image: str
+    entrypoint: tuple[str, ...]  # the profile's fixed command prefix
+    args: tuple[str, ...]  # the request's checked arguments, after the image
+    capabilities: tuple[str, ...]
+    mounts: tuple[str, ...]
+    tmpfs: tuple[str, ...]
+    pid_host: bool
+    read_only: bool
+    stop_grace: int
+    restart_retries: int = 5
+    pids_limit: int = 256
+
+    @property
+    def spec_hash(self) -> str:
+        """A digest of the full spec: a running container whose label differs is replaced."""
+        blob = json.dumps(asdict(self), sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()[:32]
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return {
+            LABEL_CHANNEL: self.channel,
+            LABEL_PROFILE: self.profile,
+            LABEL_KEY: self.key,
+            LABEL_NETNS: self.netns or "",
+            LABEL_SPEC: self.spec_hash,
+        }

@@ -1,0 +1,162 @@
+"""Host-private state of a channel: the lock, the desired sidecars and the ledger of processed ids.
+
+Layout under `state_dir/CH/` (0700, never visible to the agent):
+    lock           flock'd by every sync of the channel: one at a time
+    desired.json   the sidecars the channel asked for and has not stopped
+    ledger.jsonl   append-only: an id is "claimed" before it is acted on and "done" with its reply
+    quarantine/    inbox entries that were unsafe or malformed, kept for inspection
+    audit.log      JSON lines, one per decision
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from .files import append_line, atomic_write, open_dir
+
+LEDGER_KEEP_SECONDS = 7 * 24 * 3600
+LEDGER_COMPACT_LINES = 50_000
+
+
+@dataclass(frozen=True)
+class DesiredSidecar:
+    name: str
+    profile: str
+    netns: str | None
+    argv: tuple[str, ...]
+    request_id: str
+    since: float
+    failures: int = 0
+    next_retry: float = 0.0
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DesiredSidecar:
+        return cls(name=d["name"], profile=d["profile"], netns=d.get("netns"), argv=tuple(d.get("argv", ())),
+                   request_id=d.get("request_id", ""), since=float(d.get("since", 0)),
+                   failures=int(d.get("failures", 0)), next_retry=float(d.get("next_retry", 0)))
+
+    def failed(self, now: float) -> DesiredSidecar:
+        n = self.failures + 1
+        return replace(self, failures=n, next_retry=now + min(2.0 ** n, 300.0))
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    id: str
+    state: str  # "claimed" | "done"
+    digest: str
+    t: float
+    reply: dict[str, Any] | None = None
+
+
+def _ledger_line(e: LedgerEntry) -> bytes:
+    rec: dict[str, Any] = {"id": e.id, "s": e.state, "d": e.digest, "t": round(e.t, 3)}
+    if e.reply is not None:
+        rec["r"] = e.reply
+    return json.dumps(rec, separators=(",", ":")).encode() + b"\n"
+
+
+@dataclass
+class ChannelState:
+    path: str
+    desired: dict[str, DesiredSidecar] = field(default_factory=dict)
+    ledger: dict[str, LedgerEntry] = field(default_factory=dict)
+    _ledger_lines: int = 0
+    _dir_fd: int = -1
+
+    @property
+    def ledger_path(self) -> str:
+        return os.path.join(self.path, "ledger.jsonl")
+
+    @property
+    def audit_path(self) -> str:
+        return os.path.join(self.path, "audit.log")
+
+    @property
+    def quarantine_path(self) -> str:
+        return os.path.join(self.path, "quarantine")
+
+    @classmethod
+    @contextlib.contextmanager
+    def locked(cls, state_dir: str, channel: str, wait: bool = True) -> Iterator[ChannelState]:
+        """Lock the channel (one sync at a time) and load its state."""
+        path = os.path.join(state_dir, channel)
+        os.makedirs(os.path.join(path, "quarantine"), mode=0o700, exist_ok=True)
+        os.chmod(path, 0o700)
+        fd = os.open(os.path.join(path, "lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            st = cls(path)
+            st._dir_fd = open_dir(path)
+            try:
+                st.load()
+                yield st
+            finally:
+                os.close(st._dir_fd)
+        finally:
+            os.close(fd)  # releases the flock
+
+    def load(self) -> None:
+        try:
+            with open(os.path.join(self.path, "desired.json"), "rb") as f:
+                data = json.load(f)
+            self.desired = {d["name"]: DesiredSidecar.from_dict(d) for d in data.get("sidecars", [])}
+        except FileNotFoundError:
+            self.desired = {}
+        self.ledger = {}
+        self._ledger_lines = 0
+        try:
+            with open(self.ledger_path, "rb") as f:
+                for raw in f:
+                    self._ledger_lines += 1
+                    try:
+                        e = json.loads(raw)
+                        entry = LedgerEntry(e["id"], e["s"], e.get("d", ""), float(e.get("t", 0)), e.get("r"))
+                    except (ValueError, KeyError, TypeError):
+                        continue  # a torn last line after a crash: the claim it held is replayed
+                    if entry.state == "claimed" and entry.id in self.ledger:
+                        continue
+                    self.ledger[entry.id] = entry
+        except FileNotFoundError:
+            pass
+
+    def save_desired(self) -> None:
+        data = {"v": 1, "sidecars": [
+            {**asdict(d), "argv": list(d.argv)} for d in sorted(self.desired.values(), key=lambda d: d.name)]}
+        atomic_write(self._dir_fd, "desired.json", json.dumps(data, indent=1).encode(), mode=0o600)
+
+    def _append(self, entries: list[LedgerEntry]) -> None:
+        if not entries:
+            return
+        lines = [_ledger_line(e) for e in entries]
+        self.ledger.update((e.id, e) for e in entries)
+        append_line(self.ledger_path, b"".join(lines), fsync=True)
+        self._ledger_lines += len(lines)
+
+    def claim(self, items: list[tuple[str, str]]) -> None:
+        """Record (id, digest) pairs as claimed, durably, before anything is acted on."""
+        now = time.time()
+        self._append([LedgerEntry(rid, "claimed", digest, now) for rid, digest in items])
+
+    def complete(self, items: list[tuple[str, str, dict[str, Any]]]) -> None:
+        """Record (id, digest, reply) as done, durably, before the replies are published."""
+        now = time.time()
+        self._append([LedgerEntry(rid, "done", digest, now, reply) for rid, digest, reply in items])
+
+    def compact(self) -> None:
+        """Drop ledger entries older than a week once the file grows large."""
+        if self._ledger_lines < LEDGER_COMPACT_LINES:
+            return
+        cutoff = time.time() - LEDGER_KEEP_SECONDS
+        keep = [e for e in self.ledger.values() if e.t >= cutoff or e.state == "claimed"]
+        lines = [_ledger_line(e) for e in keep]
+        atomic_write(self._dir_fd, "ledger.jsonl", b"".join(lines), mode=0o600)
+        self.ledger = {e.id: e for e in keep}
+        self._ledger_lines = len(lines)
