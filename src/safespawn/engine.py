@@ -314,12 +314,14 @@ class Engine:
         c = listing.get(name)
         if it.action == "start":
             assert it.spec is not None
-            if c is not None and c.running and c.spec_hash == it.spec.spec_hash:
+            if c is not None and c.spec_hash == it.spec.spec_hash and (c.running or c.id == "(this batch)"):
                 return  # the same sidecar already runs: nothing to do (reply filled in later)
             if c is not None:
                 self.runtime.remove(name)  # different spec, or exited/created: replace it
             self.runtime.run(it.spec)
             it.started = True
+            # Later requests of this batch for the same sidecar see what was just started.
+            listing[name] = Container("(this batch)", name, "created", 0, it.spec.labels)
         elif it.action == "deliver":
             self.runtime.signal(name, it.signal)
             it.reply = Reply(it.request.id, True, name, c.pid if c else None)
