@@ -118,6 +118,9 @@ def check_path(value: str, data_dirs: tuple[str, ...], option: str = "path") -> 
     The sidecar only has the data dirs mounted, so this is defence in depth: even a path that got
     through would resolve inside the container, never on the host.
     """
+    # DENY: control characters (a NUL would also make realpath() raise instead of refusing).
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        raise PolicyDenied(f"{option}: path contains a control character")
     # DENY: relative paths and '..' would be resolved against whatever the sidecar's cwd is.
     if not value.startswith("/") or os.path.normpath(value) != value or "//" in value:
         raise PolicyDenied(f"{option}: {value[:80]!r} is not a normalized absolute path")
