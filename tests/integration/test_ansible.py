@@ -1,0 +1,446 @@
+"""The Ansible role (ansible/ansible_collections/safespawn/host/roles/safespawn), run for real.
+
+ansible-core from PyPI (scripts/ansible-venv, cached under /var/tmp) plays the role against this machine
+(`connection: local`) with every path redirected into a temp dir and the systemd scope switched to a
+real `systemd --user` manager of the test's own (TESTBED.md). The package comes from a wheel built from
+this repo. Then:
+
+- a request from a generated wrapper, run under `ip netns exec` in a real netns, is served by systemd
+  alone (path unit -> oneshot sync) and its dnsmasq sidecar hands out a real DHCP lease;
+- a second run reports changed=0; a config change restarts only the reconcile service;
+- check mode on a fresh host changes nothing on disk;
+- `safespawn_state: absent` leaves no units, config or channel folders;
+- ansible-lint's production profile passes on the role.
+
+The tests of this module share one deployment and run in file order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from support import netlab
+from support.netlab import NetnsPair, dhcp_lease, wait_for
+
+REPO = Path(__file__).resolve().parents[2]
+COLLECTIONS = REPO / "ansible"
+ROLE = COLLECTIONS / "ansible_collections" / "safespawn" / "host" / "roles" / "safespawn"
+UNIT_NAMES = ("safespawn-sync@.path", "safespawn-sync@.service", "safespawn-reconcile.timer",
+              "safespawn-reconcile.service")
+
+
+# --------------------------------------------------------------------------------------------------
+# fixtures: ansible, the package wheel, a systemd user manager
+
+
+@pytest.fixture(scope="module")
+def ansible_bin() -> Path:
+    """ansible-core + ansible-lint in a venv cached between runs (scripts/ansible-venv)."""
+    out = subprocess.run(["bash", str(REPO / "scripts" / "ansible-venv")], capture_output=True, text=True,
+                         timeout=600, check=False)
+    assert out.returncode == 0, out.stderr
+    return Path(out.stdout.strip()) / "bin"
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("wheel")
+    subprocess.run([str(REPO / ".venv" / "bin" / "pip"), "wheel", "-q", "--no-deps", "-w", str(d), str(REPO)],
+                   check=True, capture_output=True, timeout=300)
+    (w,) = d.glob("safespawn-*.whl")
+    return w
+
+
+@dataclass
+class UserManager:
+    """A real `systemd --user` in its own mount namespace, with its own runtime and config dirs."""
+
+    root: Path
+    pid: int = 0
+
+    @property
+    def env(self) -> dict[str, str]:
+        return dict(os.environ, XDG_RUNTIME_DIR=str(self.root / "run"), XDG_CONFIG_HOME=str(self.root / "config"),
+                    HOME=str(self.root / "home"))
+
+    @property
+    def unit_dir(self) -> Path:
+        return self.root / "config" / "systemd" / "user"
+
+    def systemctl(self, *args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["systemctl", "--user", *args], capture_output=True, text=True, timeout=120,
+                              env=self.env, check=check)
+
+    def start(self) -> None:
+        for d in ("run", "config", "home"):
+            (self.root / d).mkdir(mode=0o700, parents=True, exist_ok=True)
+        subprocess.run(["mount", "--make-rshared", "/"], check=True, timeout=30)
+        os.makedirs("/run/netns", exist_ok=True)
+        log = open(self.root / "manager.log", "ab")
+        script = ("mount -t tmpfs tmpfs /run/systemd && mkdir /run/systemd/system && "
+                  "exec /lib/systemd/systemd --user --log-target=console")
+        p = subprocess.Popen(["unshare", "--mount", "--propagation", "slave", "sh", "-c", script],
+                             stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=self.env, start_new_session=True)
+        self.pid = p.pid
+        wait_for(lambda: self.systemctl("show", "-p", "Version", "--value").returncode == 0, timeout=20)
+
+    def stop(self) -> None:
+        if not self.pid:
+            return
+        try:
+            os.kill(self.pid, 15)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                if os.waitpid(self.pid, os.WNOHANG)[0]:
+                    break
+            except ChildProcessError:
+                break
+            time.sleep(0.05)
+        else:
+            os.kill(self.pid, 9)
+            os.waitpid(self.pid, 0)
+        self.pid = 0
+
+
+@pytest.fixture(scope="module")
+def manager() -> Iterator[UserManager]:
+    # A short path: the manager's socket lives under it (sun_path is 108 bytes).
+    root = Path(tempfile.mkdtemp(prefix="ssa-", dir="/tmp"))
+    m = UserManager(root)
+    m.start()
+    try:
+        yield m
+    finally:
+        m.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# running the role
+
+
+@dataclass
+class Host:
+    """One simulated host: every path the role writes lives under `root`."""
+
+    root: Path
+    channel: str
+    manager: UserManager
+    ansible_bin: Path
+    wheel: Path
+    image: str
+
+    @property
+    def config_dir(self) -> Path:
+        return self.root / "etc" / "safespawn"
+
+    @property
+    def channels_dir(self) -> Path:
+        return self.root / "var" / "lib" / "safespawn" / "channels"
+
+    @property
+    def wrappers_dir(self) -> Path:
+        return self.root / "var" / "lib" / "safespawn" / "wrappers" / self.channel
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "var" / "lib" / "neutron"
+
+    @property
+    def venv(self) -> Path:
+        return self.root / "opt" / "safespawn"
+
+    def role_vars(self, **extra: Any) -> dict[str, Any]:
+        r = str(self.root)
+        v: dict[str, Any] = {
+            "ansible_python_interpreter": "{{ ansible_playbook_python }}",
+            "safespawn_package": str(self.wheel),
+            "safespawn_venv": str(self.venv),
+            # The Debian interpreter, not a pyenv shim: the units run the venv's python directly.
+            "safespawn_python": "/usr/bin/python3",
+            "safespawn_pip_extra_args": "--no-index",
+            "safespawn_config_dir": f"{r}/etc/safespawn",
+            "safespawn_channels_dir": str(self.channels_dir),
+            "safespawn_state_dir": f"{r}/var/lib/safespawn/state",
+            "safespawn_wrappers_dir": f"{r}/var/lib/safespawn/wrappers",
+            "safespawn_systemd_scope": "user",
+            "safespawn_channels": [{
+                "name": self.channel,
+                "image": self.image,
+                "profiles": ["dnsmasq"],
+                "data_dirs": [str(self.data_dir)],
+                "max_sidecars": 8,
+            }],
+        }
+        v.update(extra)
+        return v
+
+    def play(self, *args: str, **extra: Any) -> subprocess.CompletedProcess[str]:
+        """Play the role once with these variables; returns the finished ansible-playbook."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix="play-", dir=self.manager.root))
+        (work / "vars.json").write_text(json.dumps(self.role_vars(**extra)))
+        (work / "site.yml").write_text(
+            "- name: Deploy safespawn\n"
+            "  hosts: localhost\n"
+            "  connection: local\n"
+            "  gather_facts: false\n"
+            "  roles:\n"
+            "    - role: safespawn.host.safespawn\n"
+            "  post_tasks:\n"
+            "    - name: Show the agent mounts\n"
+            "      ansible.builtin.debug:\n"
+            "        var: safespawn_agent_mounts\n"
+            "      when: safespawn_state | default('present') == 'present'\n")
+        env = dict(self.manager.env, ANSIBLE_COLLECTIONS_PATH=str(COLLECTIONS), ANSIBLE_NOCOLOR="1",
+                   ANSIBLE_FORCE_COLOR="0", ANSIBLE_RETRY_FILES_ENABLED="0", ANSIBLE_LOCAL_TEMP=str(work / "tmp"),
+                   ANSIBLE_REMOTE_TEMP=str(work / "tmp"), ANSIBLE_HOME=str(work / "ansible-home"),
+                   ANSIBLE_CONFIG=str(work / "none.cfg"),
+                   PATH=f"{self.ansible_bin}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}")
+        p = subprocess.run([str(self.ansible_bin / "ansible-playbook"), "-i", "localhost,", "-e", "@vars.json",
+                            *args, "site.yml"], cwd=work, capture_output=True, text=True, env=env, timeout=600,
+                           check=False)
+        (work / "output.txt").write_text(p.stdout + p.stderr)
+        return p
+
+
+def recap(p: subprocess.CompletedProcess[str]) -> dict[str, int]:
+    m = re.search(r"^localhost\s*:\s*(.*)$", p.stdout, re.M)
+    assert m, p.stdout[-3000:] + p.stderr[-3000:]
+    return {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", m.group(1))}
+
+
+def ok(p: subprocess.CompletedProcess[str]) -> dict[str, int]:
+    assert p.returncode == 0, p.stdout[-6000:] + p.stderr[-3000:]
+    r = recap(p)
+    assert r["failed"] == 0 and r["unreachable"] == 0, p.stdout[-6000:]
+    return r
+
+
+def changed_tasks(p: subprocess.CompletedProcess[str]) -> list[str]:
+    """The names of the tasks (and handlers) that reported a change."""
+    names, current = [], None
+    for line in p.stdout.splitlines():
+        m = re.match(r"^(?:TASK|RUNNING HANDLER) \[(?:[^\]:]*: )?(.*?)\] \**$", line)
+        if m:
+            current = m.group(1)
+        elif line.startswith("changed:") and current and current not in names:
+            names.append(current)
+    return names
+
+
+def snapshot(*roots: Path) -> dict[str, tuple[int, int, float]]:
+    """(mode, size, mtime) of every path under roots: what "nothing changed on disk" compares."""
+    out = {}
+    for root in roots:
+        if not root.exists():
+            continue
+        for dirpath, dirnames, filenames in os.walk(root):
+            for name in [*dirnames, *filenames]:
+                p = os.path.join(dirpath, name)
+                st = os.lstat(p)
+                out[p] = (st.st_mode, st.st_size, st.st_mtime)
+        st = os.lstat(root)
+        out[str(root)] = (st.st_mode, st.st_size, st.st_mtime)
+    return out
+
+
+def containers(channel: str) -> list[dict[str, Any]]:
+    return netlab.podman_ps(f"safespawn.channel={channel}")
+
+
+@pytest.fixture(scope="module")
+def host(manager: UserManager, ansible_bin: Path, wheel: Path, test_image: str) -> Iterator[Host]:
+    h = Host(manager.root / "host", f"ssa{uuid.uuid4().hex[:8]}", manager, ansible_bin, wheel, test_image)
+    try:
+        yield h
+    finally:
+        netlab.podman_rm_by_label(f"safespawn.channel={h.channel}")
+
+
+# --------------------------------------------------------------------------------------------------
+# the tests, in the order a host lives through them
+
+
+def test_role_passes_ansible_lint_production_profile(ansible_bin: Path, tmp_path: Path) -> None:
+    env = dict(os.environ, PATH=f"{ansible_bin}:{os.environ['PATH']}", ANSIBLE_HOME=str(tmp_path / "ah"),
+               ANSIBLE_COLLECTIONS_PATH=str(COLLECTIONS), NO_COLOR="1", ANSIBLE_LINT_NODEPS="0")
+    p = subprocess.run([str(ansible_bin / "ansible-lint"), "--offline", "--profile", "production",
+                        "roles/safespawn"], cwd=ROLE.parent.parent, capture_output=True, text=True, env=env,
+                       timeout=600, check=False)
+    shutil.rmtree(ROLE.parent.parent / ".ansible", ignore_errors=True)
+    assert p.returncode == 0, p.stdout[-6000:] + p.stderr[-3000:]
+    assert "Passed" in p.stderr + p.stdout, p.stdout + p.stderr
+
+
+def test_check_mode_on_a_fresh_host_changes_nothing_on_disk(manager: UserManager, ansible_bin: Path, wheel: Path,
+                                                           test_image: str) -> None:
+    fresh = Host(manager.root / "fresh", f"ssa{uuid.uuid4().hex[:8]}", manager, ansible_bin, wheel, test_image)
+    fresh.root.mkdir()
+    before = snapshot(fresh.root, manager.unit_dir)
+    p = fresh.play("--check", "--diff")
+    r = ok(p)
+    assert r["changed"] > 0, "check mode must show what it would do"
+    assert "safespawn.toml" in p.stdout and "+[channels." in p.stdout, "the diff shows the config to be written"
+    assert snapshot(fresh.root, manager.unit_dir) == before
+    assert not containers(fresh.channel)
+
+
+def test_deployed_host_serves_a_wrapper_request_through_systemd_alone(host: Host) -> None:
+    r = ok(host.play())
+    assert r["changed"] > 0
+    # What `safespawn install --scope user` enabled, the manager now runs: the channel's path unit.
+    for unit in UNIT_NAMES:
+        assert (host.manager.unit_dir / unit).is_file(), unit
+    active = host.manager.systemctl("is-active", f"safespawn-sync@{host.channel}.path",
+                                    "safespawn-reconcile.timer")
+    assert active.stdout.split() == ["active", "active"], active.stdout + active.stderr
+    # The agent side: a wrapper folder, and the mounts the agent container needs, as a file and as a fact.
+    wrapper = host.wrappers_dir / "dnsmasq"
+    assert os.access(wrapper, os.X_OK)
+    mounts = json.loads((host.config_dir / "agent-mounts" / f"{host.channel}.json").read_text())
+    chan = host.channels_dir / host.channel
+    by_target = {m["target"]: m for m in mounts["mounts"]}
+    assert by_target[f"{chan}/inbox"]["options"] == ["rw", "nodev", "nosuid", "noexec"]
+    assert by_target[f"{chan}/outbox"]["options"][0] == "ro"
+    assert by_target[mounts["wrappers_dir"]]["source"] == str(host.wrappers_dir)
+    assert str(host.data_dir) in by_target
+    assert f"--volume={chan}/inbox:{chan}/inbox:rw,nodev,nosuid,noexec" in mounts["podman_args"]
+    assert '"safespawn_agent_mounts"' in host_last_output(host)
+
+    # As Neutron runs it: `ip netns exec qdhcp-... dnsmasq ARGS` with the wrapper first on PATH. Nothing
+    # but the systemd manager serves the channel.
+    host.data_dir.mkdir(parents=True, exist_ok=True)
+    host.data_dir.chmod(0o755)
+    with NetnsPair(server_ns=f"qdhcp-{uuid.uuid4()}") as pair:
+        argv = dnsmasq_argv(host.data_dir, pair)
+        env = dict(os.environ, PATH=f"{host.wrappers_dir}:/usr/sbin:/usr/bin:/sbin:/bin", SAFESPAWN_TIMEOUT="30")
+        t0 = time.monotonic()
+        p = subprocess.run(["ip", "netns", "exec", pair.server_ns, "dnsmasq", *argv], capture_output=True,
+                           text=True, env=env, timeout=60, check=False)
+        took = time.monotonic() - t0
+        assert p.returncode == 0, (p.stdout, p.stderr, host.manager.systemctl("status", "--no-pager",
+                                   f"safespawn-sync@{host.channel}.service").stdout)
+        (c,) = containers(host.channel)
+        assert c["State"] == "running"
+        lease = dhcp_lease(pair.client_ns, pair.client_if, timeout=10)
+        assert lease["ip"] == pair.host(50)
+        print(f"wrapper request served by systemd in {took:.2f}s")
+        netlab.podman_rm_by_label(f"safespawn.channel={host.channel}")
+
+
+def test_second_run_reports_no_change(host: Host) -> None:
+    p = host.play()
+    assert ok(p)["changed"] == 0, changed_tasks(p)
+
+
+def test_check_mode_on_a_deployed_host_reports_no_change(host: Host) -> None:
+    before = snapshot(host.root, host.manager.unit_dir)
+    p = host.play("--check", "--diff")
+    assert ok(p)["changed"] == 0, changed_tasks(p)
+    assert snapshot(host.root, host.manager.unit_dir) == before
+
+
+def test_a_config_change_reconciles_without_reinstalling(host: Host) -> None:
+    channel = host.role_vars()["safespawn_channels"][0]
+    changed = [dict(channel, max_sidecars=9)]
+    p = host.play("--diff", safespawn_channels=changed)
+    ok(p)
+    assert "+max_sidecars = 9" in p.stdout
+    names = changed_tasks(p)
+    assert "Write the host configuration, checked by safespawn before it is put in place" in names
+    assert "Reconcile safespawn channels" in names
+    assert "Install the systemd units and channel folders" not in names
+    assert "Reload the systemd manager" not in names
+    assert "max_sidecars = 9" in (host.config_dir / "safespawn.toml").read_text()
+    # And back, so the rest of the module sees the deployment it expects.
+    ok(host.play())
+
+
+def test_an_invalid_config_is_refused_before_it_is_put_in_place(host: Host) -> None:
+    before = (host.config_dir / "safespawn.toml").read_text()
+    channel = host.role_vars()["safespawn_channels"][0]
+    p = host.play(safespawn_channels=[dict(channel, profiles=["no-such-profile"])])
+    assert p.returncode != 0
+    assert "failed validating" in p.stdout or "no profile named" in p.stdout, p.stdout[-3000:]
+    assert (host.config_dir / "safespawn.toml").read_text() == before
+
+
+def test_absent_removes_units_config_and_channel_folders_but_leaves_sidecars(host: Host) -> None:
+    # A running sidecar, left alone by a plain `absent`.
+    host.data_dir.mkdir(parents=True, exist_ok=True)
+    with NetnsPair(server_ns=f"qdhcp-{uuid.uuid4()}") as pair:
+        argv = dnsmasq_argv(host.data_dir, pair)
+        env = dict(os.environ, PATH=f"{host.wrappers_dir}:/usr/sbin:/usr/bin:/sbin:/bin", SAFESPAWN_TIMEOUT="30")
+        p = subprocess.run(["ip", "netns", "exec", pair.server_ns, "dnsmasq", *argv], capture_output=True,
+                           text=True, env=env, timeout=60, check=False)
+        assert p.returncode == 0, p.stderr
+        (c,) = containers(host.channel)
+
+        r = ok(host.play(safespawn_state="absent"))
+        assert r["changed"] > 0
+        for unit in UNIT_NAMES:
+            assert not (host.manager.unit_dir / unit).exists(), unit
+        units = host.manager.systemctl("list-units", "--all", "--no-legend", "safespawn*").stdout
+        assert "safespawn-sync@" not in units and "safespawn-reconcile" not in units, units
+        assert not (host.config_dir / "safespawn.toml").exists()
+        assert not host.config_dir.exists()
+        assert not (host.channels_dir / host.channel).exists()
+        assert not host.channels_dir.exists()
+        assert not host.wrappers_dir.exists()
+        assert not host.venv.exists()
+        assert [x["State"] for x in containers(host.channel)] == ["running"], "sidecars are left alone"
+
+        # Again: nothing left to do. Then with safespawn_stop_sidecars the sidecar goes too.
+        assert ok(host.play(safespawn_state="absent"))["changed"] == 0
+        ok(host.play())
+        ok(host.play(safespawn_state="absent", safespawn_stop_sidecars=True))
+        assert not containers(host.channel)
+        assert not (host.root / "var" / "lib" / "safespawn").exists()
+        leftovers = [str(p) for p in host.root.rglob("*") if not str(p).startswith(str(host.data_dir))]
+        assert leftovers == [str(host.root / "var" / "lib" / "neutron")] or not leftovers, leftovers
+    del c
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+
+
+def host_last_output(host: Host) -> str:
+    plays = sorted(host.manager.root.glob("play-*/output.txt"), key=lambda p: p.stat().st_mtime)
+    return plays[-1].read_text() if plays else ""
+
+
+def dnsmasq_argv(data: Path, pair: NetnsPair) -> list[str]:
+    """A command line shaped like the one Neutron's Dnsmasq driver builds; the client's MAC gets .50."""
+    net = data / pair.server_ns
+    net.mkdir(parents=True, exist_ok=True)
+    net.chmod(0o755)
+    for f in ("host", "addn_hosts", "opts", "leases"):
+        (net / f).touch()
+    (net / "host").write_text(f"{netlab.get_mac(pair.client_ns, pair.client_if)},host-50,{pair.host(50)}\n")
+    subnet = uuid.uuid4()
+    return [
+        "--no-hosts", "--no-resolv", f"--pid-file={net}/pid", f"--dhcp-hostsfile={net}/host",
+        f"--addn-hosts={net}/addn_hosts", f"--dhcp-optsfile={net}/opts", f"--dhcp-leasefile={net}/leases",
+        "--local-service", "--bind-dynamic",
+        f"--dhcp-range=set:subnet-{subnet},{pair.network.network_address},static,{pair.network.netmask},86400s",
+        "--dhcp-lease-max=256", "--conf-file=/dev/null", "--domain=openstacklocal", f"--interface={pair.server_if}",
+        "--no-ping",
+    ]
