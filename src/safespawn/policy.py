@@ -58,6 +58,7 @@ class ArgRule:
     min: int | None = None
     max: int | None = None
     also: tuple[str, ...] = ()  # literal values accepted besides the type (e.g. /dev/null)
+    data_dir: bool = False  # a path rule that also accepts a data dir itself, not only paths inside
 
     def check_value(self, value: str, data_dirs: tuple[str, ...]) -> None:
         t = self.type
@@ -66,7 +67,7 @@ class ArgRule:
             # ALLOW: a literal the profile names (dnsmasq --conf-file=/dev/null).
             return
         if t == "path":
-            check_path(value, data_dirs, self.option)
+            check_path(value, data_dirs, self.option, allow_root=self.data_dir)
             return
         if t == "interface":
             ok = bool(INTERFACE_RE.fullmatch(value))
@@ -112,7 +113,7 @@ def _is_ip(value: str, kind: str) -> bool:
     return kind == "ip" or (kind == "ipv4") == (ip.version == 4)
 
 
-def check_path(value: str, data_dirs: tuple[str, ...], option: str = "path") -> None:
+def check_path(value: str, data_dirs: tuple[str, ...], option: str = "path", allow_root: bool = False) -> None:
     """A path argument must be absolute, normalized and inside one of the channel's data dirs.
 
     The sidecar only has the data dirs mounted, so this is defence in depth: even a path that got
@@ -125,7 +126,9 @@ def check_path(value: str, data_dirs: tuple[str, ...], option: str = "path") -> 
     if not value.startswith("/") or os.path.normpath(value) != value or "//" in value:
         raise PolicyDenied(f"{option}: {value[:80]!r} is not a normalized absolute path")
     for root in data_dirs:
-        if value.startswith(root.rstrip("/") + "/"):
+        # ALLOW: the data dir itself only where the profile says so (a state dir option such as
+        # neutron-keepalived-state-change --state_path /var/lib/neutron); never a file option.
+        if (allow_root and value == root.rstrip("/")) or value.startswith(root.rstrip("/") + "/"):
             break
     else:
         # DENY: reading or writing outside the data dirs (e.g. --conf-file=/etc/shadow).
@@ -150,6 +153,9 @@ class Profile:
     read_only: bool
     tmpfs: tuple[str, ...]
     key_from: str  # "netns" or an option whose value names the sidecar
+    # An option that names the netns in argv (neutron-keepalived-state-change --namespace NS):
+    # its value must be the netns the sidecar joins.
+    netns_option: str | None = None
     rules: dict[str, ArgRule] = field(default_factory=dict)
     description: str = ""
 
@@ -210,6 +216,7 @@ def _rule(option: str, t: dict[str, Any], where: str) -> ArgRule:
         min=t.pop("min", None),
         max=t.pop("max", None),
         also=tuple(t.pop("also", ())),
+        data_dir=bool(t.pop("data_dir", False)),
     )
     if t:
         raise ConfigError(f"{where}: unknown keys {', '.join(sorted(t))}")
@@ -245,6 +252,9 @@ def parse_profile(data: dict[str, Any], where: str) -> Profile:
             raise ConfigError(f"{where}: unknown signal {s!r}")
     rules = {opt: _rule(opt, t, f"{where}.args.{opt}") for opt, t in d.pop("args", {}).items()}
     key_from = d.pop("key_from", "netns")
+    netns_option = d.pop("netns_option", None)
+    if netns_option is not None and (netns == "forbidden" or netns_option not in rules):
+        raise ConfigError(f"{where}: netns_option names an option that is not in args, or netns is forbidden")
     if key_from != "netns" and key_from not in rules:
         raise ConfigError(f"{where}: key_from names an option that is not in args")
     if netns != "required" and key_from == "netns":
@@ -261,6 +271,7 @@ def parse_profile(data: dict[str, Any], where: str) -> Profile:
         read_only=bool(d.pop("read_only", True)),
         tmpfs=tuple(d.pop("tmpfs", ["/run", "/tmp"])),
         key_from=key_from,
+        netns_option=netns_option,
         rules=rules,
         description=str(d.pop("description", "")),
     )
@@ -383,6 +394,12 @@ class Policy:
     def authorize_start(self, channel: ChannelConfig, request: Request) -> SidecarSpec:
         profile = self.profile_for(channel, request.profile)
         seen = profile.check_argv(request.argv, channel.data_dirs)
+        if profile.netns_option is not None:
+            named = seen.get(profile.netns_option, [])
+            # DENY: a program told to act on one namespace while it runs in another.
+            if named != [request.netns]:
+                raise PolicyDenied(f"{profile.netns_option} must be given once and name the sidecar's netns "
+                                   f"({request.netns})")
         netns_path = self.check_netns(profile, request.netns)
         key = self.sidecar_key(profile, request, seen)
         # ALLOW: everything below comes from the profile and the channel; the request only chose

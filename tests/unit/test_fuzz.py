@@ -278,7 +278,7 @@ def test_other_profiles_refuse_program_running_and_foreign_config_options(name: 
                     ["-L", "x;reboot"], ["-C", "/"]],
         "keepalived": [["--use-file=/etc/shadow"], ["-f", "/etc/shadow"], ["--script-user=root"],
                        ["--enable-script-security"], ["-S", "0"]],
-        "radvd": [["-C", "/etc/shadow"], ["-u", "root"], ["-C", DATA + "/../../etc/radvd.conf"]],
+        "radvd": [["-C", "/etc/shadow"], ["-u", "root;reboot"], ["-m", "logfile"], ["-C", DATA + "/../../etc/radvd.conf"]],
         "neutron-keepalived-state-change": [["--config-file=/etc/shadow"], ["--log-file=/etc/cron.d/x"],
                                             ["--state_path=/"]],
     }[name]
