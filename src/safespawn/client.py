@@ -184,16 +184,79 @@ def describe_error(reply: Dict[str, Any]) -> str:
 
 
 def _timeout_from_env() -> float:
+    return _float_env("SAFESPAWN_TIMEOUT", DEFAULT_TIMEOUT)
+
+
+# The option that names the pid file each program writes, where it is on the command line.
+PID_FILE_OPTIONS = {
+    "dnsmasq": "--pid-file",
+    "keepalived": "-p",
+    "radvd": "-p",
+    "neutron-keepalived-state-change": "--pid_file",
+}
+# Programs that Neutron starts from its own namespace and tells which one to act on.
+NETNS_OPTIONS = {"neutron-keepalived-state-change": "--namespace"}
+DEFAULT_PID_FILE_WAIT = 10.0
+
+
+def program_args(argv: List[str]) -> List[str]:
+    """The arguments a wrapper forwards: Neutron's, minus empty strings.
+
+    Neutron's dnsmasq driver passes '' in place of --no-resolv when dnsmasq_local_resolv is set;
+    dnsmasq ignores it, and an empty argument is never an option the policy could allow.
+    """
+    return [a for a in argv if a != ""]
+
+
+def option_value(argv: List[str], option: str) -> Optional[str]:
+    """The value of `option` given as `OPT VALUE` or `OPT=VALUE` (the last one wins), or None."""
+    value = None
+    for i, a in enumerate(argv):
+        if a == option and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif a.startswith(option + "="):
+            value = a[len(option) + 1:]
+    return value
+
+
+def _wait_for_pid_file(path: str, timeout: float) -> bool:
+    """Wait until `path` holds a pid, as a daemonizing program's parent does before it exits.
+
+    Neutron reads the pid file right after the command returns (ProcessManager.active).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with open(path) as f:
+                if f.read(32).strip().isdigit():
+                    return True
+        except OSError:
+            pass
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+
+
+def _float_env(name: str, default: float) -> float:
     try:
-        return float(os.environ.get("SAFESPAWN_TIMEOUT", DEFAULT_TIMEOUT))
+        return float(os.environ.get(name, default))
     except ValueError:
-        return DEFAULT_TIMEOUT
+        return default
 
 
 def wrapper_main(profile: str, channel_dir: str, argv: Optional[List[str]] = None) -> int:
-    """Entry point of a program wrapper (`dnsmasq ARGS...`): ask the host to run it as a sidecar."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    request = start_request(profile, args, netns=current_netns())
+    """Entry point of a program wrapper (`dnsmasq ARGS...`): ask the host to run it as a sidecar.
+
+    The netns is the one this process runs in (Neutron runs `ip netns exec NS dnsmasq ...`), or
+    for programs Neutron starts from its own namespace, the one their arguments name. Blocks until
+    the host's reply; exits 0 once the sidecar runs (and has written its pid file), else 1 with
+    the reason on stderr.
+    """
+    args = program_args(list(sys.argv[1:] if argv is None else argv))
+    netns = current_netns()
+    if profile in NETNS_OPTIONS:
+        netns = option_value(args, NETNS_OPTIONS[profile]) or netns
+    request = start_request(profile, args, netns=netns)
     try:
         reply = submit(channel_dir, request, timeout=_timeout_from_env())
     except NoBroker as e:
@@ -202,10 +265,16 @@ def wrapper_main(profile: str, channel_dir: str, argv: Optional[List[str]] = Non
     except OSError as e:
         sys.stderr.write("%s: cannot write to the safespawn channel %s: %s\n" % (profile, channel_dir, e))
         return EXIT_FAILED
-    if reply.get("ok"):
-        return EXIT_OK
-    sys.stderr.write("%s: refused by safespawn: %s\n" % (profile, describe_error(reply)))
-    return EXIT_FAILED
+    if not reply.get("ok"):
+        sys.stderr.write("%s: refused by safespawn: %s\n" % (profile, describe_error(reply)))
+        return EXIT_FAILED
+    pid_file = option_value(args, PID_FILE_OPTIONS[profile]) if profile in PID_FILE_OPTIONS else None
+    if pid_file:
+        wait = _float_env("SAFESPAWN_PID_FILE_WAIT", DEFAULT_PID_FILE_WAIT)
+        if not _wait_for_pid_file(pid_file, wait):
+            sys.stderr.write("%s: sidecar %s runs, but %s has no pid after %.0fs\n"
+                             % (profile, reply.get("sidecar"), pid_file, wait))
+    return EXIT_OK
 
 
 def kill_main(profile: str, channel_dir: str, argv: Optional[List[str]] = None) -> int:
