@@ -206,8 +206,16 @@ class Engine:
         state.claim([(it.request.id, it.digest) for it in items if not it.interrupted])
 
         # 3. decide and act.
+        listing: dict[str, Container] | None = None
         if items:
-            listing = {c.name: c for c in self.runtime.list(channel.name)}
+            try:
+                listing = {c.name: c for c in self.runtime.list(channel.name)}
+            except RuntimeFailed as e:
+                # podman itself is broken: answer now rather than leave the agents waiting.
+                for it in items:
+                    it.reply = Reply.failure(it.request.id, e.code, e.message)
+                result.errors.append(e.message)
+        if listing is not None:
             self._plan(channel, state, items, listing, audit)
             self._act(channel, items, listing)
             self._finish_starts(channel, state, items, audit)
