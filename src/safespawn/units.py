@@ -14,9 +14,10 @@ Why nothing is lost (the predecessor's units lost requests in each of these ways
   exits, systemd re-checks DirectoryNotEmpty= and starts it again if anything waits.
 - The service has no start limit (StartLimitIntervalSec=0): each run is serialized by the channel lock
   and ends when the inbox is empty, so the number of runs is bounded by the requests themselves.
-- The path unit's trigger limit is set on purpose, far above what a burst of requests produces, so
-  only a runaway trigger (an agent hammering inbox/trigger) trips it. A path unit that systemd failed
-  anyway is re-armed by the timer, which also serves whatever waits; the delay is one interval at most.
+- The path unit's trigger limit is set on purpose, above what requests (or an agent hammering
+  inbox/trigger) can produce, so only a sync that fails at once in a loop trips it. A path unit that
+  systemd failed anyway is re-armed by the timer, which also serves whatever waits: the delay is one
+  timer interval at most, and nothing is lost.
 
 `install` is idempotent (a second run changes nothing and says so) and records what it created in
 `state_dir/install.json`, so `uninstall` removes exactly that. Shell example::
@@ -59,11 +60,14 @@ MARKER = "# Installed by `safespawn install`: change the configuration and re-ru
 MANIFEST = "install.json"
 SYSTEMCTL_TIMEOUT = 60
 
-# Trigger limit of the path units: systemd counts every wake-up of the path unit (a batch of inotify
-# events), also while the service runs. A burst of 300 concurrent requests produces a few hundred of
-# them over several seconds; an agent hammering inbox/trigger in a loop produces tens of thousands.
-TRIGGER_LIMIT_INTERVAL = "1s"
-TRIGGER_LIMIT_BURST = 2000
+# Trigger limit of the path units. systemd counts activations of the service, and drops its watches
+# while the service runs, so hammering inbox/trigger during a sync counts nothing; a real sync takes
+# at least ~0.2 s (Python start plus one `podman ps`), so requests alone start it at most a few times a
+# second (measured: ~2/s while another process touched the trigger file 20000 times a second). Only
+# a run that fails at once -- the executable gone after an upgrade -- can go above 10/s for 10 s, and
+# that loop is what this stops. The timer re-arms the unit (and serves the channel) meanwhile.
+TRIGGER_LIMIT_INTERVAL = "10s"
+TRIGGER_LIMIT_BURST = 100
 # A sync that hangs (podman stuck past its own per-call timeouts) is killed after this; the ledger
 # makes the interrupted run safe to replay, and the path unit starts the next one.
 SYNC_TIMEOUT = "15min"
@@ -72,7 +76,7 @@ SYNC_TIMEOUT = "15min"
 DROPPED_CAPABILITIES = ("CAP_SYS_MODULE", "CAP_SYS_BOOT", "CAP_SYS_TIME", "CAP_WAKE_ALARM", "CAP_SYSLOG",
                         "CAP_SYS_PACCT", "CAP_BLOCK_SUSPEND")
 # Characters a path may carry into a unit file unquoted and unescaped.
-UNIT_PATH_RE = re.compile(r"/[A-Za-z0-9._/+@:,-]*")
+UNIT_PATH_RE = re.compile(r"/[A-Za-z0-9_./+@:,-]*")
 
 
 class InstallError(Exception):
@@ -85,7 +89,7 @@ class InstallError(Exception):
 def _unit_path(p: str, what: str) -> str:
     # DENY: a path with spaces, quotes, '%' or newlines would change the meaning of a unit line.
     if not UNIT_PATH_RE.fullmatch(p) or "//" in p:
-        raise InstallError(f"{what} {p!r}: only absolute paths of letters, digits and ._/+@:,- can go into a "
+        raise InstallError(f"{what} {p!r}: only absolute paths of letters, digits and _./+@:,- can go into a "
                            "unit file")
     return p
 
@@ -108,9 +112,10 @@ Unit=safespawn-sync@%i.service
 DirectoryNotEmpty={channels}/%i/inbox/new
 # The spec's trigger file, touched by the client after each request.
 PathChanged={channels}/%i/inbox/trigger
-# Set on purpose: far above what bursts of requests produce (systemd counts wake-ups, not requests),
-# low enough to stop an agent that hammers the trigger file. If it is hit, the unit fails and
-# safespawn-reconcile.timer re-arms it (and serves the channel) within {interval}s.
+# Set on purpose: systemd counts activations, and drops its watches while the service runs, so no
+# burst of requests (nor an agent hammering the trigger file) comes near 10 runs a second for 10 s;
+# a sync that fails at once in a loop does, and is stopped. A failed path unit is re-armed by
+# safespawn-reconcile.timer (which also serves the channel) within {interval}s.
 TriggerLimitIntervalSec={TRIGGER_LIMIT_INTERVAL}
 TriggerLimitBurst={TRIGGER_LIMIT_BURST}
 

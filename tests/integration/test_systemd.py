@@ -1,0 +1,355 @@
+"""The systemd trigger under a real systemd manager: every request is served through systemd alone.
+
+Each test starts its own `systemd --user` (scripts/user-systemd: own mount namespace, own
+XDG_RUNTIME_DIR and XDG_CONFIG_HOME), runs `safespawn install --scope user` into it, and talks to the
+channel only the way an agent does (client.submit, or files in inbox/). Nobody calls `sync` by hand.
+Sidecars come from a test-only `sleeper` profile (busybox `sleep` in the test image, no netns, one
+sidecar per --key), so hundreds of them are cheap. This manager has no journal: a drop-in sends the
+services' stderr (safespawn's log, one `sync CH: handled N ...` line per run) to files, which is how
+the tests count service activations.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import shutil
+import subprocess
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from safespawn import client
+from safespawn.config import load_config
+from safespawn.units import SCOPES, render_units
+from support.broker import TEST_IMAGE, Broker, unique_channel
+from support.usersystemd import SAFESPAWN, UserManager, count_lines, wait_until
+
+SLEEPER = """\
+name = "sleeper"
+description = "test-only: a sidecar that only sleeps; one per --key"
+command = ["/bin/sh", "-c", "exec sleep 100000", "sleeper"]
+capabilities = []
+netns = "forbidden"
+key_from = "--key"
+signals = ["HUP", "TERM", "KILL"]
+stop_grace = 0
+tmpfs = []
+
+[args]
+"--key" = { type = "regex", pattern = "[a-z0-9]{1,32}" }
+"""
+
+SYNC = "safespawn-sync@.service"
+RECONCILE = "safespawn-reconcile.service"
+
+
+def write_config(root: Path, *, reconcile_interval: int = 60, podman: str = "podman",
+                 max_sidecars: int = 256) -> Broker:
+    """A host config with one sleeper channel; nothing is created on disk but the config itself."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "profiles").mkdir(exist_ok=True)
+    (root / "profiles" / "sleeper.toml").write_text(SLEEPER)
+    channel = unique_channel("sd")
+    cfg = root / "safespawn.toml"
+    cfg.write_text(f'[broker]\nchannels_dir = "{root}/channels"\nstate_dir = "{root}/state"\n'
+                   f'profiles_dir = "{root}/profiles"\nreconcile_interval = {reconcile_interval}\n'
+                   f'podman = "{podman}"\n\n'
+                   f'[channels.{channel}]\nimage = "{TEST_IMAGE}"\nprofiles = ["sleeper"]\n'
+                   f'max_sidecars = {max_sidecars}\n')
+    return Broker(root, channel, cfg, root / "data")
+
+
+class Host:
+    """A user manager with safespawn installed for one channel."""
+
+    def __init__(self, m: UserManager, b: Broker) -> None:
+        self.m, self.b = m, b
+        self.sync_log = b.root / "sync.log"
+        self.reconcile_log = b.root / "reconcile.log"
+
+    @property
+    def ch(self) -> str:
+        return self.b.channel
+
+    @property
+    def path_unit(self) -> str:
+        return f"safespawn-sync@{self.ch}.path"
+
+    @property
+    def service(self) -> str:
+        return f"safespawn-sync@{self.ch}.service"
+
+    def install(self, *extra: str) -> subprocess.CompletedProcess[str]:
+        # The log drop-ins go in first, so that the install's daemon-reload picks them up.
+        self.m.log_to(SYNC, self.sync_log)
+        self.m.log_to(RECONCILE, self.reconcile_log)
+        p = self.m.safespawn("install", "--scope", "user", *extra, config=self.b.config_path)
+        # The timer fires once at once (OnBootSec= is long past); let that run finish.
+        wait_until(lambda: count_lines(self.reconcile_log, f"sync {self.ch}:") >= 1, what="the first reconcile")
+        wait_until(lambda: self.m.show(RECONCILE, "ActiveState")["ActiveState"] in ("inactive", "failed"),
+                   what="the first reconcile to finish")
+        return p
+
+    def activations(self) -> int:
+        return count_lines(self.sync_log, f"sync {self.ch}: handled")
+
+    def reconciles(self) -> int:
+        return count_lines(self.reconcile_log, f"sync {self.ch}: handled")
+
+    def submit(self, key: str, timeout: float = 60) -> dict[str, Any]:
+        return client.submit(str(self.b.channel_dir()), client.start_request("sleeper", [f"--key={key}"]),
+                             timeout=timeout)
+
+    def running(self) -> list[dict[str, Any]]:
+        return [c for c in self.b.containers() if c["State"] == "running"]
+
+
+@pytest.fixture
+def make_host(tmp_path: Path, test_image: str) -> Iterator[Any]:
+    made: list[Host] = []
+
+    def make(**kw: Any) -> Host:
+        b = write_config(tmp_path / f"host{len(made)}", **kw)
+        h = Host(UserManager.start(tmp_path / f"host{len(made)}"), b)
+        made.append(h)
+        return h
+
+    yield make
+    for h in made:
+        h.m.stop()  # first: nothing may start a sidecar behind the cleanup
+        h.b.cleanup()
+
+
+@pytest.fixture
+def host(make_host: Any) -> Host:
+    h: Host = make_host()
+    h.install()
+    return h
+
+
+def test_every_unit_passes_systemd_analyze_verify_with_empty_stderr(tmp_path: Path) -> None:
+    b = write_config(tmp_path)
+    cfg = load_config(str(b.config_path))
+    for scope in SCOPES:
+        d = tmp_path / scope
+        d.mkdir()
+        units = render_units(cfg, scope, str(SAFESPAWN), str(b.config_path))
+        assert sorted(units) == ["safespawn-reconcile.service", "safespawn-reconcile.timer",
+                                 "safespawn-sync@.path", "safespawn-sync@.service"]
+        for name, text in units.items():
+            (d / name).write_text(text)
+        for name in units:
+            # --user needs a runtime dir to exist, not a running manager.
+            env = dict(os.environ, XDG_RUNTIME_DIR=str(tmp_path), XDG_CONFIG_HOME=str(tmp_path / "xdg"))
+            p = subprocess.run(["systemd-analyze", *(["--user"] if scope == "user" else []), "verify",
+                                str(d / name)], capture_output=True, text=True, timeout=60, env=env)
+            assert (p.returncode, p.stderr) == (0, ""), f"{scope} {name}: {p.stderr}"
+
+
+def test_a_request_is_answered_with_nobody_calling_sync(host: Host) -> None:
+    assert host.m.show(host.path_unit, "ActiveState", "SubState") == {"ActiveState": "active", "SubState": "waiting"}
+    reconciles = host.reconciles()
+    t0 = time.monotonic()
+    reply = host.submit("one")
+    latency = time.monotonic() - t0
+    assert reply["ok"], reply
+    [c] = host.running()
+    assert c["Names"] == [reply["sidecar"]] and c["Pid"] == reply["pid"]
+    assert host.activations() >= 1
+    assert host.reconciles() == reconciles  # the path unit served it, not the timer
+    print(f"\nrequest-to-reply through systemd: {latency:.2f}s")
+
+
+def test_a_request_written_while_the_sync_runs_is_served(make_host: Any, tmp_path: Path) -> None:
+    """The predecessor's bug: its edge-triggered path unit lost what arrived while the oneshot ran.
+
+    A podman wrapper makes every `podman ps` take 2 s while a flag file exists, so the first sync is
+    still running (in its reconcile step, its inbox drain already finished) when five more requests
+    arrive. Only systemd's re-check of DirectoryNotEmpty= after that run can serve them.
+    """
+    flag, in_ps = tmp_path / "slow", tmp_path / "in-ps"
+    wrapper = tmp_path / "slow-podman"
+    wrapper.write_text(f"#!/bin/sh\n# test double: `podman ps` takes 2s while {flag} exists\n"
+                       f'if [ "$1" = ps ] && [ -e {flag} ]; then : > {in_ps}; sleep 2; rm -f {in_ps}; fi\n'
+                       f'exec {shutil.which("podman")} "$@"\n')
+    wrapper.chmod(0o755)
+    h: Host = make_host(podman=str(wrapper))
+    h.install()
+    flag.touch()
+
+    first: dict[str, Any] = {}
+    t = threading.Thread(target=lambda: first.update(h.submit("first")))
+    t.start()
+    t.join(timeout=60)
+    assert first.get("ok"), first
+    # The reply is out and the drain is over; the same run now sits in a slow `podman ps`.
+    wait_until(in_ps.exists, timeout=10, interval=0.01, what="the first run's reconcile step")
+    during = h.m.show(h.service, "ActiveState", "InvocationID")
+    assert during["ActiveState"] == "activating"
+
+    late: dict[int, dict[str, Any]] = {}
+    threads = [threading.Thread(target=lambda i=i: late.update({i: h.submit(f"late{i}")})) for i in range(5)]
+    for th in threads:
+        th.start()
+    wait_until(lambda: len(h.b.pending()) == 5, timeout=10, interval=0.01, what="five requests in inbox/new")
+    # Written while that very run was active, after its drain had finished.
+    assert h.m.show(h.service, "ActiveState", "InvocationID") == during
+
+    flag.unlink()
+    for th in threads:
+        th.join(timeout=60)
+    assert sorted(late) == list(range(5)) and all(r["ok"] for r in late.values()), late
+    assert h.m.show(h.service, "InvocationID")["InvocationID"] != during["InvocationID"]
+    runs = [line for line in h.sync_log.read_text().splitlines() if f"sync {h.ch}: handled" in line]
+    assert runs[0].startswith(f"safespawn: INFO sync {h.ch}: handled 1,"), runs
+    assert handled(h.sync_log, h.ch) == 6
+    assert len(h.running()) == 6
+
+
+def handled(log: Path, channel: str) -> int:
+    """Requests handled according to the `sync CH: handled N, ...` lines of a log."""
+    needle = f"sync {channel}: handled "
+    return sum(int(line.split(needle)[1].split(",")[0]) for line in log.read_text().splitlines() if needle in line)
+
+
+def _burst_client(channel_dir: str, i: int, go: Any, out: Any) -> None:
+    go.wait()
+    t0 = time.monotonic()
+    try:
+        reply = client.submit(channel_dir, client.start_request("sleeper", [f"--key=burst{i}"]), timeout=170)
+    except Exception as e:  # reported, then failed on by the test
+        reply = {"client_error": repr(e)}
+    out.put((i, reply, time.monotonic() - t0))
+
+
+def test_a_burst_of_300_concurrent_clients_is_served_completely(make_host: Any) -> None:
+    n = 300
+    h: Host = make_host(max_sidecars=n + 10)
+    h.install()
+    ctx = multiprocessing.get_context("fork")
+    go, out = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_burst_client, args=(str(h.b.channel_dir()), i, go, out)) for i in range(n)]
+    for p in procs:
+        p.start()
+    t0 = time.monotonic()
+    go.set()
+    results = [out.get(timeout=200) for _ in range(n)]
+    wall = time.monotonic() - t0
+    for p in procs:
+        p.join(timeout=30)
+
+    replies = {i: r for i, r, _ in results}
+    assert sorted(replies) == list(range(n))
+    bad = {i: r for i, r in replies.items() if not r.get("ok")}
+    assert not bad, f"{len(bad)} failed, e.g. {list(bad.items())[:3]}"
+    assert len({r["sidecar"] for r in replies.values()}) == n
+    # Exactly one reply each: one reply file per id, one "done" in the ledger per id.
+    reply_files = os.listdir(h.b.channel_dir() / "outbox" / "replies")
+    assert sorted(reply_files) == sorted(f"{r['id']}.json" for r in replies.values())
+    ledger = [json.loads(line) for line in (h.b.root / "state" / h.ch / "ledger.jsonl").read_text().splitlines()]
+    done = Counter(e["id"] for e in ledger if e["s"] == "done")
+    assert set(done) == {r["id"] for r in replies.values()} and set(done.values()) == {1}
+    running = h.running()
+    assert len(running) == n
+    assert {c["Pid"] for c in running} == {r["pid"] for r in replies.values()}
+    activations = h.activations()
+    by_path, by_timer = handled(h.sync_log, h.ch), handled(h.reconcile_log, h.ch)
+    assert by_path + by_timer == n
+    latencies = sorted(t for _, _, t in results)
+    print(f"\nburst: {n} concurrent clients, all answered in {wall:.1f}s by {activations} activation(s) of "
+          f"{h.service} ({by_path} requests) and the timer ({by_timer}); client latency p50 "
+          f"{latencies[n // 2]:.1f}s, max {latencies[-1]:.1f}s")
+
+
+def _state(h: Host) -> dict[str, str]:
+    return h.m.show(h.path_unit, "ActiveState", "SubState", "Result")
+
+
+def _hammer(trigger: Path, seconds: float, until: Any = None) -> int:
+    n, end = 0, time.monotonic() + seconds
+    while time.monotonic() < end:
+        fd = os.open(trigger, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        os.close(fd)
+        n += 1
+        if until is not None and n % 500 == 0 and until():
+            break
+    return n
+
+
+def test_a_failed_path_unit_is_rearmed_by_the_timer_and_pending_requests_are_served(make_host: Any) -> None:
+    """With the installed limits, hammering inbox/trigger cannot fail the path unit: systemd counts
+    activations, and drops its watches while the sync runs. A drop-in lowers the limit so that the
+    same hammering forces the failure (what a sync failing at once in a loop does with the real
+    limits); the timer must then re-arm the unit and serve what waited meanwhile."""
+    h: Host = make_host(reconcile_interval=3)
+    h.install()
+    trigger = h.b.channel_dir() / "inbox" / "trigger"
+    touches = _hammer(trigger, 3.0)
+    assert _state(h) == {"ActiveState": "active", "SubState": "waiting", "Result": "success"}, touches
+
+    h.m.systemctl("stop", "safespawn-reconcile.timer")
+    h.m.drop_in("safespawn-sync@.path", "test-limit", "[Path]\nTriggerLimitIntervalSec=4s\nTriggerLimitBurst=3\n")
+    h.m.systemctl("daemon-reload")
+    h.m.systemctl("restart", h.path_unit)
+    _hammer(trigger, 10.0, until=lambda: _state(h)["ActiveState"] == "failed")
+    assert _state(h) == {"ActiveState": "failed", "SubState": "failed", "Result": "trigger-limit-hit"}
+
+    rids = [h.b.write(client.start_request("sleeper", [f"--key=pending{i}"])) for i in range(3)]
+    time.sleep(4.5)  # nothing serves the channel now (and the trigger limit's window passes)
+    assert len(h.b.pending()) == 3 and not any(h.b.reply(r) for r in rids)
+
+    h.m.systemctl("start", "safespawn-reconcile.timer")
+    wait_until(lambda: all(h.b.reply(r) for r in rids), timeout=20, what="the pending requests' replies")
+    assert all(h.b.reply(r)["ok"] for r in rids)  # type: ignore[index]
+    wait_until(lambda: _state(h)["ActiveState"] == "active", timeout=10, what="the path unit re-armed")
+    assert count_lines(h.reconcile_log, f"re-arming {h.path_unit}") >= 1
+
+    # The re-armed path unit serves on its own again.
+    h.m.systemctl("stop", "safespawn-reconcile.timer")
+    reconciles = h.reconciles()
+    assert h.submit("after", timeout=30)["ok"]
+    assert h.reconciles() == reconciles
+    assert len(h.running()) == 4
+
+
+def test_install_is_idempotent_and_uninstall_leaves_sidecars_unless_asked(make_host: Any) -> None:
+    h: Host = make_host()
+    b, m = h.b, h.m
+    dry = m.safespawn("install", "--scope", "user", "--dry-run", config=b.config_path)
+    assert "would write" in dry.stdout and "dry run: nothing done" in dry.stdout
+    assert not (b.root / "channels").exists() and not (m.unit_dir / "safespawn-sync@.path").exists()
+
+    first = h.install()
+    assert "change(s) made" in first.stdout
+    again = m.safespawn("install", "--scope", "user", config=b.config_path)
+    assert again.stdout.strip() == "safespawn install: nothing to change", again.stdout
+    inbox = b.channel_dir() / "inbox"
+    assert oct((inbox / "new").stat().st_mode & 0o777) == oct(0o755)
+    assert oct((b.root / "state" / h.ch).stat().st_mode & 0o777) == oct(0o700)
+    assert oct((b.root / "state").stat().st_mode & 0o777) == oct(0o700)
+
+    assert h.submit("keep1")["ok"] and h.submit("keep2")["ok"]
+    out = m.safespawn("uninstall", config=b.config_path).stdout
+    assert "left 2 sidecar(s)" in out, out
+    for name in ("safespawn-sync@.path", "safespawn-sync@.service", "safespawn-reconcile.service",
+                 "safespawn-reconcile.timer"):
+        assert not (m.unit_dir / name).exists()
+    assert m.show(h.path_unit, "LoadState")["LoadState"] == "not-found"
+    assert m.show("safespawn-reconcile.timer", "LoadState")["LoadState"] == "not-found"
+    assert not (b.root / "channels").exists()  # install created it, uninstall removed it
+    assert (b.root / "state" / h.ch / "desired.json").exists()  # the running sidecars' state stays
+    assert len(h.running()) == 2
+
+    out = m.safespawn("uninstall", "--stop-sidecars", config=b.config_path).stdout
+    assert "stop 2 sidecar(s)" in out, out
+    assert h.running() == [] and not (b.root / "state").exists()
+    # Nothing recorded any more, so the scope is named again.
+    again = m.safespawn("uninstall", "--scope", "user", config=b.config_path).stdout
+    assert again.strip() == "safespawn uninstall: nothing to change", again
