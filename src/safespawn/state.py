@@ -151,8 +151,12 @@ class ChannelState:
         self._append([LedgerEntry(rid, "done", digest, now, reply) for rid, digest, reply in items])
 
     def compact(self) -> None:
-        """Drop ledger entries older than a week once the file grows large."""
-        if self._ledger_lines < LEDGER_COMPACT_LINES:
+        """Drop ledger entries older than a week once the file grows large.
+
+        Only when the file holds at least twice the lines it would keep: a ledger of many recent ids
+        (a flood answered with `quota`) would otherwise be rewritten and fsync'd on every sync.
+        """
+        if self._ledger_lines < max(LEDGER_COMPACT_LINES, 2 * len(self.ledger)):
             return
         cutoff = time.time() - LEDGER_KEEP_SECONDS
         keep = [e for e in self.ledger.values() if e.t >= cutoff or e.state == "claimed"]
