@@ -207,9 +207,10 @@ def test_a_request_written_while_the_sync_runs_is_served(make_host: Any, tmp_pat
         th.join(timeout=60)
     assert sorted(late) == list(range(5)) and all(r["ok"] for r in late.values()), late
     assert h.m.show(h.service, "InvocationID")["InvocationID"] != during["InvocationID"]
+    # (a run logs its summary after its reconcile step, a little after its replies)
+    wait_until(lambda: handled(h.sync_log, h.ch) == 6, timeout=20, what="the later run's summary")
     runs = [line for line in h.sync_log.read_text().splitlines() if f"sync {h.ch}: handled" in line]
     assert runs[0].startswith(f"safespawn: INFO sync {h.ch}: handled 1,"), runs
-    assert handled(h.sync_log, h.ch) == 6
     assert len(h.running()) == 6
 
 
@@ -259,6 +260,8 @@ def test_a_burst_of_300_concurrent_clients_is_served_completely(make_host: Any) 
     running = h.running()
     assert len(running) == n
     assert {c["Pid"] for c in running} == {r["pid"] for r in replies.values()}
+    wait_until(lambda: handled(h.sync_log, h.ch) + handled(h.reconcile_log, h.ch) == n, timeout=60,
+               what="the last run's summary")
     activations = h.activations()
     by_path, by_timer = handled(h.sync_log, h.ch), handled(h.reconcile_log, h.ch)
     assert by_path + by_timer == n
@@ -292,7 +295,9 @@ def test_a_failed_path_unit_is_rearmed_by_the_timer_and_pending_requests_are_ser
     h.install()
     trigger = h.b.channel_dir() / "inbox" / "trigger"
     touches = _hammer(trigger, 3.0)
-    assert _state(h) == {"ActiveState": "active", "SubState": "waiting", "Result": "success"}, touches
+    st = _state(h)
+    assert (st["ActiveState"], st["Result"]) == ("active", "success") and st["SubState"] in ("waiting", "running"), \
+        (st, touches)
 
     h.m.systemctl("stop", "safespawn-reconcile.timer")
     h.m.drop_in("safespawn-sync@.path", "test-limit", "[Path]\nTriggerLimitIntervalSec=4s\nTriggerLimitBurst=3\n")
