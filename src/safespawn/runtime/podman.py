@@ -34,7 +34,9 @@ def run_argv(spec: SidecarSpec, podman: str = "podman") -> list[str]:
     if spec.pid_host:
         argv.append("--pid=host")
     if spec.read_only:
-        argv.append("--read-only")
+        # Without --read-only-tmpfs=false podman adds writable tmpfs mounts the profile did not ask
+        # for (/var/tmp, without noexec): only the profile's own tmpfs list is writable.
+        argv += ["--read-only", "--read-only-tmpfs=false"]
     for t in spec.tmpfs:
         argv.append(f"--tmpfs={t}:rw,nosuid,nodev,noexec,size=16m")
     for d in spec.mounts:
