@@ -28,13 +28,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support import netlab
+from support.broker import Broker
 
 from safespawn import client
 from safespawn.config import load_config
 from safespawn.engine import Engine
 from safespawn.runtime.podman import PodmanRuntime
-from support import netlab
-from support.broker import Broker
 
 NETNS_DIR = Path("/run/netns")
 NOPID = 4_194_000  # below pid_max's ceiling, never a sidecar here
