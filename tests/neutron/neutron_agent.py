@@ -14,7 +14,7 @@ What is Neutron's own code here, unmodified: ProcessManager (enable, active, rel
 kill scripts, pid files), the Dnsmasq driver (command line, hosts/opts/leases files, enable,
 reload_allocations, disable), the metadata driver (haproxy config and command line, spawn and
 destroy), KeepalivedManager/KeepalivedConf and HaRouter's keepalived and state-change-monitor
-methods. What is not: no RPC and no port plugging (the test creates the namespaces and interfaces;
+methods, ra.DaemonMonitor (radvd). What is not: no RPC and no port plugging (the test creates the namespaces and interfaces;
 DeviceManager.setup returns the test's interface), no dhcp_release (lease release on reload).
 """
 import json
@@ -57,6 +57,7 @@ _reg(agent_conf.register_interface_opts, CONF)
 _reg(agent_conf.register_external_process_opts, CONF)
 _reg(agent_conf.register_process_monitor_opts, CONF)
 _reg(agent_conf.register_root_helper, CONF)
+_reg(agent_conf.register_ra_opts, CONF)
 _reg(dhcp_conf.register_agent_dhcp_opts, CONF)
 CONF([], project='neutron', default_config_files=[], default_config_dirs=[])
 
@@ -74,14 +75,10 @@ for _ctx in ('default', 'dhcp_release_cmd', 'namespace_cmd', 'link_cmd'):
     if hasattr(privileged, _ctx):
         getattr(privileged, _ctx).set_client_mode(False)
 
-from neutron.agent.l3 import ha_router  # noqa: E402
-from neutron.agent.linux import (
-    dhcp,  # noqa: E402
-    external_process,  # noqa: E402
-    interface,  # noqa: E402
-)
-from neutron.agent.metadata import driver as metadata_driver  # noqa: E402
-from neutron_lib import constants as n_const  # noqa: E402
+from neutron.agent.l3 import ha_router
+from neutron.agent.linux import dhcp, external_process, interface, ra
+from neutron.agent.metadata import driver as metadata_driver
+from neutron_lib import constants as n_const
 
 MONITOR = external_process.ProcessMonitor(config=CONF, resource_type='test')
 
@@ -280,7 +277,29 @@ def ha_disable(a):
             'monitor_active': r._get_state_change_monitor_process_manager().active}
 
 
-OPS = {f.__name__: f for f in (dhcp_enable, dhcp_reload, dhcp_disable, pm_state, pm_enable, pm_reload_cfg,
+# -- radvd -----------------------------------------------------------------------------------------
+def _radvd(a):
+    # RouterInfo.enable_radvd builds it this way; qr- devices are named by the interface driver.
+    return ra.DaemonMonitor(a['router_id'], 'qrouter-' + a['router_id'], MONITOR,
+                            lambda port_id: ('qr-' + port_id)[:interface.LinuxInterfaceDriver.DEV_NAME_LEN], CONF)
+
+
+def radvd_enable(a):
+    """RouterInfo.enable_radvd(): a config from the router's ports, then spawn or HUP."""
+    mon = _radvd(a)
+    mon.enable(a['ports'])
+    pm = mon._get_radvd_process_manager()
+    conf = os.path.join(CONF.ra_confs, a['router_id'] + '.radvd.conf')
+    return {'active': mon.enabled, 'pid': pm.pid, 'config': open(conf).read()}
+
+
+def radvd_disable(a):
+    mon = _radvd(a)
+    mon.disable()
+    return {'active': mon.enabled}
+
+
+OPS = {f.__name__: f for f in (radvd_enable, radvd_disable, dhcp_enable, dhcp_reload, dhcp_disable, pm_state, pm_enable, pm_reload_cfg,
                                 pm_disable, metadata_spawn, metadata_destroy, ha_spawn, ha_state, ha_disable)}
 
 

@@ -315,3 +315,43 @@ def test_ha_router_keepalived_becomes_master_and_the_state_change_monitor_report
         server.shutdown()
         server.server_close()
 
+
+
+# -- radvd -----------------------------------------------------------------------------------------
+
+def test_radvd_router_advertisements_through_neutrons_ra_daemon_monitor(neutron):
+    broker, new_agent = neutron(["radvd"])
+    router_id, port_id = str(uuid.uuid4()), str(uuid.uuid4())
+    qr_if = ("qr-" + port_id)[:14]
+    n = uuid.uuid4().int % 0xFFFF
+    prefix, prefix2 = f"fd00:5afe:{n:x}::/64", f"fd00:5afe:{n:x}:1::/64"
+
+    def port(*cidrs: str) -> dict[str, Any]:
+        return {"id": port_id, "mtu": 1450, "subnets": [
+            {"cidr": c, "ipv6_ra_mode": "slaac", "dns_nameservers": []} for c in cidrs]}
+
+    def client_in(net: str) -> bool:
+        import ipaddress
+
+        return any(ipaddress.ip_interface(a).ip in ipaddress.ip_network(net)
+                   for a in netlab.link_addresses(pair.client_ns, pair.client_if))
+
+    with NetnsPair(server_ns=f"qrouter-{router_id}", server_if=qr_if,
+                   server_addr6=prefix.replace("::/64", "::1/64")) as pair:
+        agent = new_agent()
+        r = agent("radvd_enable", router_id=router_id, ports=[port(prefix)])
+        assert r["active"] and f"interface {qr_if}" in r["config"] and f"prefix {prefix}" in r["config"]
+        [c] = running(broker)
+        assert c["Pid"] == r["pid"] and cmdline(r["pid"])[:2] == ["radvd", "-n"]
+        # A real router advertisement: the client configures a SLAAC address from the prefix.
+        netlab.wait_for(lambda: client_in(prefix), timeout=20, message="SLAAC address from radvd's RA")
+
+        # A second prefix: Neutron rewrites the config and sends HUP through radvd-kill.
+        r2 = agent("radvd_enable", router_id=router_id, ports=[port(prefix, prefix2)])
+        assert r2["active"] and r2["pid"] == r["pid"] and f"prefix {prefix2}" in r2["config"]
+        assert [x["Id"] for x in running(broker)] == [c["Id"]]
+        netlab.wait_for(lambda: client_in(prefix2), timeout=30, message="the second prefix after HUP")
+
+        # The router loses its IPv6 ports: radvd-kill 9 PID, the sidecar is removed.
+        assert agent("radvd_disable", router_id=router_id)["active"] is False
+        assert broker.containers() == []
