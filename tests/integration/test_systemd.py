@@ -24,46 +24,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.broker import Broker
+from support.usersystemd import SAFESPAWN, UserManager, count_lines, wait_until, write_config
 
 from safespawn import client
 from safespawn.config import load_config
 from safespawn.units import SCOPES, render_units
-from support.broker import TEST_IMAGE, Broker, unique_channel
-from support.usersystemd import SAFESPAWN, UserManager, count_lines, wait_until
-
-SLEEPER = """\
-name = "sleeper"
-description = "test-only: a sidecar that only sleeps; one per --key"
-command = ["/bin/sh", "-c", "exec sleep 100000", "sleeper"]
-capabilities = []
-netns = "forbidden"
-key_from = "--key"
-signals = ["HUP", "TERM", "KILL"]
-stop_grace = 0
-tmpfs = []
-
-[args]
-"--key" = { type = "regex", pattern = "[a-z0-9]{1,32}" }
-"""
 
 SYNC = "safespawn-sync@.service"
 RECONCILE = "safespawn-reconcile.service"
-
-
-def write_config(root: Path, *, reconcile_interval: int = 60, podman: str = "podman",
-                 max_sidecars: int = 256) -> Broker:
-    """A host config with one sleeper channel; nothing is created on disk but the config itself."""
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "profiles").mkdir(exist_ok=True)
-    (root / "profiles" / "sleeper.toml").write_text(SLEEPER)
-    channel = unique_channel("sd")
-    cfg = root / "safespawn.toml"
-    cfg.write_text(f'[broker]\nchannels_dir = "{root}/channels"\nstate_dir = "{root}/state"\n'
-                   f'profiles_dir = "{root}/profiles"\nreconcile_interval = {reconcile_interval}\n'
-                   f'podman = "{podman}"\n\n'
-                   f'[channels.{channel}]\nimage = "{TEST_IMAGE}"\nprofiles = ["sleeper"]\n'
-                   f'max_sidecars = {max_sidecars}\n')
-    return Broker(root, channel, cfg, root / "data")
 
 
 class Host:
@@ -162,7 +131,7 @@ def test_a_request_is_answered_with_nobody_calling_sync(host: Host) -> None:
     assert reply["ok"], reply
     [c] = host.running()
     assert c["Names"] == [reply["sidecar"]] and c["Pid"] == reply["pid"]
-    assert host.activations() >= 1
+    wait_until(lambda: host.activations() >= 1, timeout=10, what="the run's summary (logged after the reply)")
     assert host.reconciles() == reconciles  # the path unit served it, not the timer
     print(f"\nrequest-to-reply through systemd: {latency:.2f}s")
 
@@ -318,6 +287,8 @@ def test_a_failed_path_unit_is_rearmed_by_the_timer_and_pending_requests_are_ser
 
     # The re-armed path unit serves on its own again.
     h.m.systemctl("stop", "safespawn-reconcile.timer")
+    wait_until(lambda: h.m.show(RECONCILE, "ActiveState")["ActiveState"] in ("inactive", "failed"),
+               what="the last reconcile to finish")
     reconciles = h.reconciles()
     assert h.submit("after", timeout=30)["ok"]
     assert h.reconciles() == reconciles

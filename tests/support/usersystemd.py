@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from .broker import TEST_IMAGE, Broker, unique_channel
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "user-systemd"
 SAFESPAWN = Path(sys.executable).parent / "safespawn"
@@ -109,3 +111,34 @@ def count_lines(path: Path, needle: str) -> int:
         return sum(1 for line in path.read_text().splitlines() if needle in line)
     except FileNotFoundError:
         return 0
+
+
+SLEEPER = """\
+name = "sleeper"
+description = "test-only: a sidecar that only sleeps; one per --key"
+command = ["/bin/sh", "-c", "exec sleep 100000", "sleeper"]
+capabilities = []
+netns = "forbidden"
+key_from = "--key"
+signals = ["HUP", "TERM", "KILL"]
+stop_grace = 0
+tmpfs = []
+
+[args]
+"--key" = { type = "regex", pattern = "[a-z0-9]{1,32}" }
+"""
+
+def write_config(root: Path, *, reconcile_interval: int = 60, podman: str = "podman",
+                 max_sidecars: int = 256) -> Broker:
+    """A host config with one sleeper channel; nothing is created on disk but the config itself."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "profiles").mkdir(exist_ok=True)
+    (root / "profiles" / "sleeper.toml").write_text(SLEEPER)
+    channel = unique_channel("sd")
+    cfg = root / "safespawn.toml"
+    cfg.write_text(f'[broker]\nchannels_dir = "{root}/channels"\nstate_dir = "{root}/state"\n'
+                   f'profiles_dir = "{root}/profiles"\nreconcile_interval = {reconcile_interval}\n'
+                   f'podman = "{podman}"\n\n'
+                   f'[channels.{channel}]\nimage = "{TEST_IMAGE}"\nprofiles = ["sleeper"]\n'
+                   f'max_sidecars = {max_sidecars}\n')
+    return Broker(root, channel, cfg, root / "data")

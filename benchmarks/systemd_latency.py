@@ -1,0 +1,178 @@
+#!/usr/bin/env python3
+"""Request-to-reply latency and burst drain rate through systemd, beside what podman alone takes.
+
+A real `systemd --user` manager (scripts/user-systemd) with `safespawn install --scope user`; the
+client writes requests, the path unit starts `safespawn sync`, nobody else calls it. Sidecars use
+the test-only `sleeper` profile (busybox `sleep` from the test image, no netns), so the numbers are
+about the trigger and the broker, not about a daemon's start-up.
+
+    sudo .venv/bin/python benchmarks/systemd_latency.py [--serial 20] [--burst 100]
+
+Measured, in one run:
+- serial: one request at a time, each for a new sidecar (a `podman run -d` per request), and each
+  for a sidecar that already runs (no podman run: the cost of systemd + safespawn alone);
+- burst: N client processes submit at once, each for its own sidecar; drain rate, latency and the
+  number of activations of the sync service;
+- baseline: the same `podman run -d` command lines alone, serially and 4 at a time (the broker's
+  default `parallel_starts`).
+Root, podman and the test image (scripts/build-test-image) are needed. Cleans up after itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+from support.usersystemd import UserManager, count_lines, wait_until, write_config  # noqa: E402
+
+from safespawn import client  # noqa: E402
+from safespawn.config import load_config  # noqa: E402
+from safespawn.policy import Policy  # noqa: E402
+from safespawn.request import Request  # noqa: E402
+from safespawn.runtime.podman import run_argv  # noqa: E402
+
+
+def pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+
+
+def _client(channel_dir: str, key: str, go: Any, out: Any) -> None:
+    go.wait()
+    t0 = time.monotonic()
+    try:
+        r = client.submit(channel_dir, client.start_request("sleeper", [f"--key={key}"]), timeout=300)
+    except Exception as e:
+        r = {"ok": False, "error": repr(e)}
+    out.put((key, bool(r.get("ok")), time.monotonic() - t0, time.monotonic()))
+
+
+def podman_baseline(argvs: list[list[str]], parallel: int) -> float:
+    t0 = time.monotonic()
+
+    def run(argv: list[str]) -> None:
+        subprocess.run(argv, check=True, capture_output=True, timeout=120)
+
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        list(pool.map(run, argvs))
+    return time.monotonic() - t0
+
+
+def podman_rm(label: str) -> None:
+    ids = subprocess.run(["podman", "ps", "-aq", "--filter", f"label={label}"], capture_output=True, text=True,
+                         timeout=120, check=False).stdout.split()
+    if ids:
+        subprocess.run(["podman", "rm", "-f", "-t", "0", *ids], capture_output=True, timeout=600, check=False)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--serial", type=int, default=20, help="requests one at a time")
+    ap.add_argument("--burst", type=int, default=100, help="concurrent client processes")
+    args = ap.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="safespawn-bench-systemd-"))
+    b = write_config(root, max_sidecars=args.serial + args.burst + 10)
+    m = UserManager.start(root)
+    sync_log = root / "sync.log"
+    base_label = f"safespawn.bench={b.channel}"
+    try:
+        m.log_to("safespawn-sync@.service", sync_log)
+        m.log_to("safespawn-reconcile.service", root / "reconcile.log")
+        m.safespawn("install", "--scope", "user", config=b.config_path)
+        wait_until(lambda: count_lines(root / "reconcile.log", f"sync {b.channel}:") >= 1, what="first reconcile")
+        chan = str(b.channel_dir())
+
+        def activations() -> int:
+            return count_lines(sync_log, f"sync {b.channel}: handled")
+
+        # 1. serial: new sidecars, then the same ones again (already running: no podman run).
+        new, again = [], []
+        for i in range(args.serial):
+            t0 = time.monotonic()
+            r = client.submit(chan, client.start_request("sleeper", [f"--key=s{i}"]), timeout=60)
+            new.append(time.monotonic() - t0)
+            assert r["ok"], r
+        for i in range(args.serial):
+            t0 = time.monotonic()
+            r = client.submit(chan, client.start_request("sleeper", [f"--key=s{i}"]), timeout=60)
+            again.append(time.monotonic() - t0)
+            assert r["ok"], r
+
+        # 2. burst.
+        wait_until(lambda: m.show(f"safespawn-sync@{b.channel}.service", "ActiveState")["ActiveState"] == "inactive",
+                   what="an idle sync service")
+        before = activations()
+        ctx = multiprocessing.get_context("fork")
+        go, out = ctx.Event(), ctx.Queue()
+        procs = [ctx.Process(target=_client, args=(chan, f"b{i}", go, out)) for i in range(args.burst)]
+        for p in procs:
+            p.start()
+        t0 = time.monotonic()
+        go.set()
+        results = [out.get(timeout=600) for _ in procs]
+        burst_wall = max(r[3] for r in results) - t0
+        for p in procs:
+            p.join(timeout=30)
+        assert all(ok for _, ok, _, _ in results), [r for r in results if not r[1]][:3]
+        burst_lat = [r[2] for r in results]
+        wait_until(lambda: m.show(f"safespawn-sync@{b.channel}.service", "ActiveState")["ActiveState"] == "inactive",
+                   timeout=60, what="the sync service to finish")
+        burst_activations = activations() - before
+
+        # 3. baseline: the same `podman run -d` command lines, without safespawn, in the same run.
+        cfg = load_config(str(b.config_path))
+        policy = Policy(cfg)
+        channel = cfg.channel(b.channel)
+
+        def argv(key: str) -> list[str]:
+            spec = policy.authorize_start(channel, Request("0" * 32, "start", "sleeper", None, (f"--key={key}",)))
+            # Its own name and label, so that it never mixes with the channel's sidecars.
+            a = [x for x in run_argv(spec) if not x.startswith("--label=")]
+            a = [f"--name=bench-{b.channel}-{key}" if x.startswith("--name=") else x for x in a]
+            a.insert(3, f"--label={base_label}")
+            return a
+
+        serial_podman = []
+        for i in range(args.serial):
+            t1 = time.monotonic()
+            subprocess.run(argv(f"p{i}"), check=True, capture_output=True, timeout=120)
+            serial_podman.append(time.monotonic() - t1)
+        podman_rm(base_label)
+        burst_podman_4 = podman_baseline([argv(f"q{i}") for i in range(args.burst)], 4)
+        podman_rm(base_label)
+
+        n, s = args.burst, args.serial
+        print("\n## Through systemd: `systemd --user`, path unit -> oneshot `safespawn sync` (sleeper sidecars)\n")
+        print("| measure | value |\n|---|---|")
+        print(f"| serial, new sidecar (n = {s}): request-to-reply p50 / p95 | "
+              f"{pct(new, 50):.2f} s / {pct(new, 95):.2f} s |")
+        print(f"| serial, sidecar already running (n = {s}): p50 / p95 | "
+              f"{pct(again, 50):.2f} s / {pct(again, 95):.2f} s |")
+        print(f"| podman alone: `podman run -d`, same command line (n = {s}): p50 / p95 | "
+              f"{pct(serial_podman, 50):.2f} s / {pct(serial_podman, 95):.2f} s |")
+        print(f"| burst of {n} concurrent clients: all replied, {n} sidecars running | {burst_wall:.2f} s "
+              f"({n / burst_wall:.1f} requests/s) |")
+        print(f"| burst: request-to-reply p50 / p95 / max | {pct(burst_lat, 50):.2f} s / {pct(burst_lat, 95):.2f} s / "
+              f"{max(burst_lat):.2f} s |")
+        print(f"| burst: activations of the sync service | {burst_activations} |")
+        print(f"| podman alone: the same {n} `podman run -d`, 4 at a time | {burst_podman_4:.2f} s "
+              f"({n / burst_podman_4:.1f} containers/s) |")
+    finally:
+        m.stop()
+        podman_rm(f"safespawn.channel={b.channel}")
+        podman_rm(base_label)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
