@@ -394,6 +394,9 @@ def test_a_flood_of_100000_files_is_refused_in_bounded_time_and_other_channels_a
     b = make_broker(channels=2)
     host = HostFiles(tmp_path)
     other = b.extra_channels[0]
+    # A lower max_pending than the default (4096) only so the survivors drain in one run here.
+    text = b.config_path.read_text().replace(f"[channels.{b.channel}]\n", f"[channels.{b.channel}]\nmax_pending = 1000\n")
+    b.config_path.write_text(text)
     new = os.open(b.channel_dir() / "inbox" / "new", os.O_RDONLY | os.O_DIRECTORY)
     t0 = time.monotonic()
     try:
@@ -410,8 +413,9 @@ def test_a_flood_of_100000_files_is_refused_in_bounded_time_and_other_channels_a
     t1 = time.monotonic()
     r = b.sync()
     first = time.monotonic() - t1
-    # max_pending (4096) survive; the rest is refused with `quota` in one cheap pass.
-    assert r.refused >= 100_000 - 4096 and first < 60, (r, first, written)
+    # max_pending survive (and are served in this run); the rest is refused with `quota` in one pass.
+    # About 0.4 ms per refused file on the test machine (a reply written, the request removed).
+    assert r.refused >= 99_000 and r.handled == 1000 and first < 120, (r, first, written)
     q = json.loads((b.channel_dir() / "outbox" / "replies" / f"{99_999:032x}.json").read_text())
     assert q["ok"] is False and q["error"]["code"] == "quota"
     assert any(e.get("code") == "quota" and "flood" in e.get("reason", "") for e in b.audit())
