@@ -370,9 +370,10 @@ def _channel_dirs(base: Path, uid: int, gid: int, report: Report) -> bool:
             if stat.S_IMODE(st.st_mode) != mode or (st.st_uid, st.st_gid) != (puid, pgid):
                 report.change(f"fix {path} (mode {mode:04o}, owner {puid}:{pgid})")
         return not existed
+    missing = {path for path, _, _, _ in channel_layout(str(base), uid, gid) if not os.path.lexists(path)}
     for path in create_channel_dirs(str(base), uid, gid):
         report.changes += 1
-        print(f"{'create' if not existed else 'fix'} directory {path}")
+        print(f"{'create' if path in missing else 'fix owner and mode of'} directory {path}")
     return not existed
 
 

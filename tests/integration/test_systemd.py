@@ -329,3 +329,22 @@ def test_install_is_idempotent_and_uninstall_leaves_sidecars_unless_asked(make_h
     # Nothing recorded any more, so the scope is named again.
     again = m.safespawn("uninstall", "--scope", "user", config=b.config_path).stdout
     assert again.strip() == "safespawn uninstall: nothing to change", again
+
+
+def test_the_trigger_limit_stops_a_sync_that_fails_at_once(host: Host) -> None:
+    """What the installed trigger limit is for: a run that fails at once (here: the executable
+    replaced by /bin/false) while a request waits makes the level-triggered path unit start it in a
+    tight loop; systemd stops that loop within seconds, and `rearm` (the timer's first step) brings
+    the unit back once the cause is fixed, serving what waited."""
+    host.m.systemctl("stop", "safespawn-reconcile.timer")
+    broken = host.m.drop_in(SYNC, "test-broken", "[Service]\nExecStart=\nExecStart=/bin/false\n")
+    host.m.systemctl("daemon-reload")
+    rid = host.b.write(client.start_request("sleeper", ["--key=waiting"]))
+    wait_until(lambda: _state(host)["Result"] == "trigger-limit-hit", timeout=30, what="the trigger limit")
+    assert _state(host)["ActiveState"] == "failed" and host.b.reply(rid) is None
+
+    broken.unlink()
+    host.m.systemctl("daemon-reload")
+    host.m.safespawn("rearm", "--scope", "user")
+    wait_until(lambda: host.b.reply(rid), timeout=30, what="the waiting request's reply")
+    assert host.b.reply(rid)["ok"] and _state(host)["ActiveState"] == "active"  # type: ignore[index]
