@@ -58,7 +58,8 @@ def minimal_argv(name: str, data: Path, ns: str) -> list[str]:
     d.mkdir(parents=True, exist_ok=True)
     d.chmod(0o777)
     if name == "dnsmasq":
-        return ["--no-hosts", "--no-resolv", "--conf-file=/dev/null", "--bind-dynamic", "--interface=sstnone0",
+        return ["--no-hosts", "--no-resolv", "--conf-file=/dev/null", "--bind-dynamic",
+                "--interface=sstnone0", "--except-interface=lo",
                 f"--pid-file={d}/pid", f"--dhcp-leasefile={d}/leases"]
     if name == "haproxy":
         (d / "haproxy.cfg").write_text(

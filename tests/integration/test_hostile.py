@@ -160,8 +160,10 @@ def raw_request(b: Broker, d: dict[str, Any] | bytes, name: str | None = None) -
 
 
 def dnsmasq_argv(data: Path, ns: str) -> list[str]:
-    """A dnsmasq that runs but binds nothing (its interface does not exist): cheap and harmless."""
-    return ["--no-hosts", "--no-resolv", "--conf-file=/dev/null", "--bind-dynamic", "--interface=sstnone0",
+    """A dnsmasq that runs but binds nothing (no such interface, not even lo): cheap and harmless, even
+    in the host netns (the swap case)."""
+    return ["--no-hosts", "--no-resolv", "--conf-file=/dev/null", "--bind-dynamic",
+            "--interface=sstnone0", "--except-interface=lo",
             f"--pid-file={data}/{ns}.pid", f"--dhcp-leasefile={data}/{ns}.leases"]
 
 

@@ -36,7 +36,8 @@ def cheap(channel_b: Broker, channel: str | None = None) -> str:
 
 
 def argv(b: Broker, ns: str) -> list[str]:
-    return ["--no-hosts", "--no-resolv", "--conf-file=/dev/null", "--bind-dynamic", "--interface=sstnone0",
+    return ["--no-hosts", "--no-resolv", "--conf-file=/dev/null", "--bind-dynamic",
+            "--interface=sstnone0", "--except-interface=lo",
             f"--pid-file={b.data_dir}/{ns}.pid", f"--dhcp-leasefile={b.data_dir}/{ns}.leases"]
 
 
@@ -47,7 +48,7 @@ def b(make_broker) -> Broker:
 
 @pytest.fixture
 def namespaces():
-    names = [f"qdhcp-{uuid.uuid4()}" for _ in range(3)]
+    names = [f"qdhcp-{uuid.uuid4()}" for _ in range(4)]
     for n in names:
         netlab.netns_add(n)
     yield names
@@ -58,7 +59,7 @@ def namespaces():
 def test_max_sidecars_refuses_with_quota_and_the_other_channel_is_unaffected(b, namespaces):
     a, other = b.channel, b.extra_channels[0]
     limit(b, a, "max_sidecars = 1")
-    ns1, ns2, ns3 = namespaces
+    ns1, ns2, ns3, ns4 = namespaces
     first = b.request(client.start_request("dnsmasq", argv(b, ns1), netns=ns1))
     assert first["ok"], first
     over = b.request(client.start_request("dnsmasq", argv(b, ns2), netns=ns2))
@@ -73,7 +74,7 @@ def test_max_sidecars_refuses_with_quota_and_the_other_channel_is_unaffected(b, 
     assert len(b.containers(other)) == 2
     # Stopping frees the slot.
     assert b.request(client.signal_request("KILL", pid=first["pid"]))["ok"]
-    assert b.request(client.start_request("dnsmasq", argv(b, ns2), netns=ns2))["ok"]
+    assert b.request(client.start_request("dnsmasq", argv(b, ns4), netns=ns4))["ok"]
     assert len(b.containers()) == 1
     assert any(e["id"] == over["id"] and e["code"] == "quota" for e in b.audit())
 
