@@ -196,7 +196,7 @@ PID_FILE_OPTIONS = {
 }
 # Programs that Neutron starts from its own namespace and tells which one to act on.
 NETNS_OPTIONS = {"neutron-keepalived-state-change": "--namespace"}
-DEFAULT_PID_FILE_WAIT = 10.0
+DEFAULT_PID_FILE_WAIT = 5.0
 
 
 def program_args(argv: List[str]) -> List[str]:
@@ -272,9 +272,36 @@ def wrapper_main(profile: str, channel_dir: str, argv: Optional[List[str]] = Non
     if pid_file:
         wait = _float_env("SAFESPAWN_PID_FILE_WAIT", DEFAULT_PID_FILE_WAIT)
         if not _wait_for_pid_file(pid_file, wait):
-            sys.stderr.write("%s: sidecar %s runs, but %s has no pid after %.0fs\n"
-                             % (profile, reply.get("sidecar"), pid_file, wait))
+            _restore_pid_file(profile, pid_file, reply)
     return EXIT_OK
+
+
+def _restore_pid_file(profile: str, pid_file: str, reply: Dict[str, Any]) -> None:
+    """Write the pid the host reported when the program did not write its pid file.
+
+    That happens when the sidecar was already running with the same arguments (the host changed
+    nothing) but Neutron had removed the pid file before calling the program: without it, Neutron
+    would never see the process as active. The pid is the sidecar's main process, which is what
+    each of these programs writes there itself.
+    """
+    pid = reply.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 1:
+        sys.stderr.write("%s: sidecar %s runs, but %s has no pid\n" % (profile, reply.get("sidecar"), pid_file))
+        return
+    tmp = "%s.safespawn-%s" % (pid_file, new_id()[:8])
+    try:
+        with open(tmp, "w") as f:
+            f.write("%d\n" % pid)
+        os.rename(tmp, pid_file)
+    except OSError as e:
+        sys.stderr.write("%s: cannot write %s: %s\n" % (profile, pid_file, e))
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        return
+    sys.stderr.write("%s: sidecar %s was already running; wrote its pid %d to %s\n"
+                     % (profile, reply.get("sidecar"), pid, pid_file))
 
 
 def kill_main(profile: str, channel_dir: str, argv: Optional[List[str]] = None) -> int:

@@ -206,6 +206,13 @@ def test_dnsmasq_lifecycle_through_neutrons_process_manager(neutron):
         signals = [e for e in broker.audit() if e.get("op") == "signal"]
         assert [(e["decision"], e["signal"], e["pid"]) for e in signals] == [("allow", "HUP", r["pid"])]
 
+        # The pid file is lost while dnsmasq runs: Neutron's enable() sees nothing active and runs the
+        # program again; the host changes nothing (same spec) and the wrapper restores the pid file.
+        os.unlink(pid_file)
+        r3 = agent("dhcp_enable", ports=ports + [{"mac": mac2, "ip": pair.host(77)}], **net)
+        assert r3["active"] and r3["pid"] == r["pid"]
+        assert [x["Id"] for x in running(broker)] == [c["Id"]]
+
         # disable(): dnsmasq-kill 15 PID -> the sidecar is stopped and removed.
         assert agent("dhcp_disable", ports=ports, **net)["active"] is False
         assert broker.containers() == [] and broker.desired() == {}

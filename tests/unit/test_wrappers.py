@@ -192,9 +192,16 @@ def test_wrapper_waits_for_the_pid_file_neutron_reads_next(tmp_path: Path, chann
     p = _run(tmp_path / "w" / "radvd", "-C", "/x/radvd.conf", "-p", str(pid_file), "-m", "syslog")
     assert p.returncode == 0 and time.monotonic() - t0 >= 0.5 and pid_file.read_text() == "1234\n"
     pid_file.unlink()
-    answer(lambda r: {"ok": True, "sidecar": "x", "pid": 1})
+    # Already running with the same arguments (the host changed nothing) after Neutron removed the
+    # pid file: the wrapper writes the pid the host reported, or Neutron would never see it active.
+    answer(lambda r: {"ok": True, "sidecar": "x", "pid": 4321})
     p = _run(tmp_path / "w" / "keepalived", "-P", "-p", str(pid_file), env={"SAFESPAWN_PID_FILE_WAIT": "0.2"})
-    assert p.returncode == 0 and "has no pid after" in p.stderr
+    assert p.returncode == 0 and "wrote its pid 4321" in p.stderr and pid_file.read_text() == "4321\n"
+    pid_file.unlink()
+    answer(lambda r: {"ok": True, "sidecar": "x", "pid": None})
+    p = _run(tmp_path / "w" / "keepalived", "-P", "-p", str(pid_file), env={"SAFESPAWN_PID_FILE_WAIT": "0.2"})
+    assert p.returncode == 0 and "has no pid" in p.stderr and not pid_file.exists()
+    assert [f.name for f in tmp_path.iterdir() if "safespawn-" in f.name] == []
 
 
 def test_state_change_wrapper_takes_its_netns_from_namespace(tmp_path: Path, channel) -> None:
