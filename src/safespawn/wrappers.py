@@ -133,6 +133,7 @@ def cmd_install(args: argparse.Namespace) -> int:
         print(f"safespawn wrappers install: --channel-dir {channel_dir!r} must be absolute", file=sys.stderr)
         return int(ExitCode.USAGE)
     changed = install(args.dir, args.channel, os.path.normpath(channel_dir), args.python)
+    # The Ansible role reads ": N file(s) written" to report changed/ok: keep the wording.
     print(f"{args.dir}: {len(changed)} file(s) written for channel {args.channel} ({channel_dir})")
     return int(ExitCode.OK)
 
