@@ -95,6 +95,32 @@ def main() -> int:
         def activations() -> int:
             return count_lines(sync_log, f"sync {b.channel}: handled")
 
+        cfg = load_config(str(b.config_path))
+        policy = Policy(cfg)
+        channel = cfg.channel(b.channel)
+
+        def argv(key: str) -> list[str]:
+            spec = policy.authorize_start(channel, Request("0" * 32, "start", "sleeper", None, (f"--key={key}",)))
+            # Its own name and label, so that it never mixes with the channel's sidecars.
+            a = [x for x in run_argv(spec) if not x.startswith("--label=")]
+            a = [f"--name=bench-{b.channel}-{key}" if x.startswith("--name=") else x for x in a]
+            a.insert(3, f"--label={base_label}")
+            return a
+
+        def baseline() -> tuple[list[float], float]:
+            """`podman run -d` alone: serially (each timed), then the burst's count 4 at a time."""
+            serial = []
+            for i in range(args.serial):
+                t1 = time.monotonic()
+                subprocess.run(argv(f"p{i}"), check=True, capture_output=True, timeout=120)
+                serial.append(time.monotonic() - t1)
+            podman_rm(base_label)
+            parallel = podman_baseline([argv(f"q{i}") for i in range(args.burst)], 4)
+            podman_rm(base_label)
+            return serial, parallel
+
+        serial_podman, burst_podman_4 = baseline()
+
         # 1. serial: new sidecars, then the same ones again (already running: no podman run).
         new, again = [], []
         for i in range(args.serial):
@@ -107,6 +133,13 @@ def main() -> int:
             r = client.submit(chan, client.start_request("sleeper", [f"--key=s{i}"]), timeout=60)
             again.append(time.monotonic() - t0)
             assert r["ok"], r
+
+        # The fixed cost of one activation: the same sync, run by hand with nothing to do.
+        idle = []
+        for _ in range(args.serial):
+            t0 = time.monotonic()
+            m.safespawn("sync", b.channel, config=b.config_path)
+            idle.append(time.monotonic() - t0)
 
         # 2. burst.
         wait_until(lambda: m.show(f"safespawn-sync@{b.channel}.service", "ActiveState")["ActiveState"] == "inactive",
@@ -129,28 +162,8 @@ def main() -> int:
                    timeout=60, what="the sync service to finish")
         burst_activations = activations() - before
 
-        # 3. baseline: the same `podman run -d` command lines, without safespawn, in the same run.
-        cfg = load_config(str(b.config_path))
-        policy = Policy(cfg)
-        channel = cfg.channel(b.channel)
-
-        def argv(key: str) -> list[str]:
-            spec = policy.authorize_start(channel, Request("0" * 32, "start", "sleeper", None, (f"--key={key}",)))
-            # Its own name and label, so that it never mixes with the channel's sidecars.
-            a = [x for x in run_argv(spec) if not x.startswith("--label=")]
-            a = [f"--name=bench-{b.channel}-{key}" if x.startswith("--name=") else x for x in a]
-            a.insert(3, f"--label={base_label}")
-            return a
-
-        serial_podman = []
-        for i in range(args.serial):
-            t1 = time.monotonic()
-            subprocess.run(argv(f"p{i}"), check=True, capture_output=True, timeout=120)
-            serial_podman.append(time.monotonic() - t1)
-        podman_rm(base_label)
-        burst_podman_4 = podman_baseline([argv(f"q{i}") for i in range(args.burst)], 4)
-        podman_rm(base_label)
-
+        # 3. baseline, after: the same `podman run -d` command lines alone (also run before, above).
+        serial_podman2, burst_podman2 = baseline()
         n, s = args.burst, args.serial
         print("\n## Through systemd: `systemd --user`, path unit -> oneshot `safespawn sync` (sleeper sidecars)\n")
         print("| measure | value |\n|---|---|")
@@ -158,15 +171,19 @@ def main() -> int:
               f"{pct(new, 50):.2f} s / {pct(new, 95):.2f} s |")
         print(f"| serial, sidecar already running (n = {s}): p50 / p95 | "
               f"{pct(again, 50):.2f} s / {pct(again, 95):.2f} s |")
-        print(f"| podman alone: `podman run -d`, same command line (n = {s}): p50 / p95 | "
-              f"{pct(serial_podman, 50):.2f} s / {pct(serial_podman, 95):.2f} s |")
+        print(f"| podman alone: `podman run -d`, same command line (n = {s}): p50 / p95, before / after | "
+              f"{pct(serial_podman, 50):.2f} s / {pct(serial_podman, 95):.2f} s; "
+              f"{pct(serial_podman2, 50):.2f} s / {pct(serial_podman2, 95):.2f} s |")
         print(f"| burst of {n} concurrent clients: all replied, {n} sidecars running | {burst_wall:.2f} s "
               f"({n / burst_wall:.1f} requests/s) |")
         print(f"| burst: request-to-reply p50 / p95 / max | {pct(burst_lat, 50):.2f} s / {pct(burst_lat, 95):.2f} s / "
               f"{max(burst_lat):.2f} s |")
         print(f"| burst: activations of the sync service | {burst_activations} |")
-        print(f"| podman alone: the same {n} `podman run -d`, 4 at a time | {burst_podman_4:.2f} s "
-              f"({n / burst_podman_4:.1f} containers/s) |")
+        print(f"| podman alone: the same {n} `podman run -d`, 4 at a time, before / after | {burst_podman_4:.2f} s "
+              f"({n / burst_podman_4:.1f}/s) / {burst_podman2:.2f} s ({n / burst_podman2:.1f}/s) |")
+        print(f"| one `safespawn sync CH` run with nothing to do, by hand (n = {s}): p50 / p95 | "
+              f"{pct(idle, 50):.2f} s / {pct(idle, 95):.2f} s |")
+        print(f"\nload average at the end: {Path('/proc/loadavg').read_text().split()[:3]}")
     finally:
         m.stop()
         podman_rm(f"safespawn.channel={b.channel}")
