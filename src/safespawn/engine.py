@@ -87,6 +87,9 @@ class Engine:
             audit = AuditLog(state.audit_path, name)
             try:
                 with ChannelDir(str(b.channels_dir / name), state.quarantine_path) as chan:
+                    for what, where in chan.repaired:
+                        audit.record("quarantine", None, f"{what} was not a plain directory: moved aside and "
+                                     "laid out again", code="bad_request", file=where)
                     self._drain(channel, chan, state, audit, result)
                     self._reconcile(channel, state, audit, result)
                     self._publish_status(channel, chan, state)

@@ -68,6 +68,7 @@ class ChannelDir:
         self.path = path
         self.quarantine_path = quarantine_path
         self.fds: dict[str, int] = {}
+        self.repaired: list[tuple[str, str]] = []  # (what, its name in the quarantine) laid out again
 
     def __enter__(self) -> ChannelDir:
         # The channel directory itself is laid out by the host (install); its last component must
@@ -76,11 +77,11 @@ class ChannelDir:
         self.fds["root"] = root
         try:
             self.fds["inbox"] = _open_subdir(root, "inbox", "inbox/")
-            self.fds["new"] = _open_subdir(self.fds["inbox"], "new", "inbox/new")
-            self.fds["tmp"] = _open_subdir(self.fds["inbox"], "tmp", "inbox/tmp")
+            self.fds["quarantine"] = open_dir(self.quarantine_path)
+            self.fds["new"] = self._agent_subdir("new")
+            self.fds["tmp"] = self._agent_subdir("tmp")
             self.fds["outbox"] = _open_subdir(root, "outbox", "outbox/")
             self.fds["replies"] = _open_subdir(self.fds["outbox"], "replies", "outbox/replies")
-            self.fds["quarantine"] = open_dir(self.quarantine_path)
         except BaseException:
             self.close()
             raise
@@ -88,6 +89,38 @@ class ChannelDir:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _agent_subdir(self, name: str) -> int:
+        """Open inbox/NAME; if the agent replaced it (a symlink, a file, nothing), lay it out again.
+
+        Refusing alone is not enough here: a level-triggered watch on inbox/new (systemd's
+        DirectoryNotEmpty=, `safespawn watch`) follows a symlink to a non-empty host directory and
+        would start a sync, forever. The entry itself is moved into the quarantine (rename does not
+        follow it), and a fresh directory with the inbox's owner takes its place.
+        """
+        inbox = self.fds["inbox"]
+        try:
+            return open_dir(name, inbox)
+        except OSError as e:
+            if e.errno not in (errno.ELOOP, errno.ENOTDIR, errno.ENOENT):
+                raise ChannelUnsafe(f"cannot open inbox/{name}: {e.strerror}") from None
+        # DENY: a symlinked (or replaced) inbox/new or inbox/tmp is never followed; it is put aside.
+        dest = f"{time.time_ns()}-inbox-{name}"
+        try:
+            os.rename(name, dest, src_dir_fd=inbox, dst_dir_fd=self.fds["quarantine"])
+            self.repaired.append((f"inbox/{name}", dest))
+        except FileNotFoundError:
+            self.repaired.append((f"inbox/{name}", ""))
+        except OSError as e:
+            raise ChannelUnsafe(f"inbox/{name} is not a plain directory and cannot be moved: {e.strerror}") from None
+        st = os.fstat(inbox)
+        try:
+            os.mkdir(name, 0o755, dir_fd=inbox)
+            os.chown(name, st.st_uid, st.st_gid, dir_fd=inbox, follow_symlinks=False)
+            return open_dir(name, inbox)
+        except OSError as e:
+            # the agent raced us again: refuse this run; the next one repairs again
+            raise ChannelUnsafe(f"inbox/{name} could not be laid out again: {e.strerror}") from None
 
     def close(self) -> None:
         for fd in self.fds.values():

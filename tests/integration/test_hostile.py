@@ -433,7 +433,7 @@ def test_a_flood_of_100000_files_is_refused_in_bounded_time_and_other_channels_a
     assert_serves(b)
 
 
-@pytest.mark.parametrize("sub", ["inbox", "inbox/new", "outbox", "outbox/replies"])
+@pytest.mark.parametrize("sub", ["inbox", "inbox/new", "inbox/tmp", "outbox", "outbox/replies"])
 def test_a_symlinked_channel_directory_is_refused_and_nothing_is_read_or_written_through_it(b, host, sub):
     # A request sits in the real inbox; another, planted where the symlink points, must not be read.
     good = client.signal_request("HUP", pid=NOPID)
@@ -449,21 +449,58 @@ def test_a_symlinked_channel_directory_is_refused_and_nothing_is_read_or_written
     real = b.channel_dir() / sub
     aside = real.with_name(real.name + ".aside")
     real.rename(aside)
-    target = planted if sub in ("inbox", "outbox") else planted / ("new" if sub == "inbox/new" else "replies")
+    target = planted if sub in ("inbox", "outbox") else planted / ("replies" if sub == "outbox/replies" else "new")
     real.symlink_to(target)
     try:
         r = b.sync()
-        assert r.errors and "not a plain directory" in r.errors[0]
-        assert any(e["decision"] == "deny" and "channel directory unsafe" in e.get("reason", "") for e in b.audit())
         host.assert_untouched()
         assert b.containers() == []
+        if sub in ("inbox/new", "inbox/tmp"):
+            # The agent's own subdirectories are laid out again: the link is moved into the
+            # quarantine, unfollowed, so that no level-triggered watch keeps firing on it.
+            assert real.is_dir() and not real.is_symlink() and os.listdir(real) == []
+            qdir = b.root / "state" / b.channel / "quarantine"
+            assert any(os.path.islink(qdir / q) for q in quarantined(b))
+            assert any(e["decision"] == "quarantine" and "laid out again" in e.get("reason", "") for e in b.audit())
+            assert not r.errors
+        else:
+            assert r.errors and "not a plain directory" in r.errors[0]
+            assert any(e["decision"] == "deny" and "channel directory unsafe" in e.get("reason", "")
+                       for e in b.audit())
     finally:
-        real.unlink()
+        if real.is_symlink():
+            real.unlink()
+        else:
+            real.rmdir()
         aside.rename(real)
     # Nothing was lost: once the layout is restored the waiting request is answered.
     b.sync()
     assert b.reply(good["id"])["error"]["code"] == "not_found"
     finish(b, host)
+
+
+def test_a_symlinked_inbox_new_does_not_make_the_watcher_loop(b, host):
+    # inbox/new linked to a non-empty host directory: a level-triggered watch (systemd's
+    # DirectoryNotEmpty=, `safespawn watch`) would see work forever if the link stayed.
+    b.start_watch()
+    try:
+        assert_serves_via_client(b)
+        before = len(b.audit())
+        new = b.channel_dir() / "inbox" / "new"
+        new.rmdir()
+        new.symlink_to(host.sub)
+        time.sleep(2)
+        assert not new.is_symlink()
+        assert len(b.audit()) - before <= 3, b.audit()[before:]
+        assert_serves_via_client(b)
+    finally:
+        b.stop_watch()
+    finish(b, host)
+
+
+def assert_serves_via_client(b: Broker) -> None:
+    reply = client.submit(str(b.channel_dir()), client.signal_request("HUP", pid=NOPID), timeout=30)
+    assert reply["error"]["code"] == "not_found"
 
 
 def test_a_reply_planted_as_a_symlink_is_replaced_and_its_target_untouched(b, host):
