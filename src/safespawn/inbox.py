@@ -6,8 +6,9 @@
     CH/outbox/replies/     host:  ID.json, written atomically
     CH/outbox/status.json  host:  the channel's sidecars
 
-Every directory is opened relative to its parent's fd with O_NOFOLLOW, so a symlinked inbox/new or
-outbox/replies is refused rather than followed. Every inbox entry is checked before it is opened
+Every directory is opened relative to its parent's fd with O_NOFOLLOW, so a symlinked inbox/ or
+outbox/replies is refused rather than followed, and a replaced inbox/new or inbox/tmp is moved into
+the quarantine (unfollowed) and laid out again. Every inbox entry is checked before it is opened
 (lstat: a regular file with one link, under the size cap) and again after (fstat of the same inode),
 and opened with O_NONBLOCK so a FIFO cannot stall the broker.
 """
