@@ -96,9 +96,11 @@ class Agent:
 def neutron(tmp_path, neutron_python, make_broker):
     """make(profiles, image=None) -> (broker with `safespawn watch` running, agent factory)."""
     made: list[Agent] = []
+    brokers: list[Broker] = []
 
     def make(profiles: list[str], **kw: Any) -> tuple[Broker, Any]:
         broker = make_broker(profiles=profiles, **kw)
+        brokers.append(broker)
         wrappers = tmp_path / "wrappers"
         out = broker.cli("wrappers", "install", "--channel", broker.channel, "--channel-dir",
                          str(broker.channel_dir()), str(wrappers), check=True)
@@ -115,6 +117,27 @@ def neutron(tmp_path, neutron_python, make_broker):
     yield make
     for a in made:
         a.stop()
+    for b in brokers:
+        b.cleanup()  # stops `safespawn watch` first, so nothing is respawned
+    _kill_escaped_sidecars(tmp_path)
+
+
+def _kill_escaped_sidecars(tmp_path: Path) -> None:
+    """Kill what is left of this test's sidecars after the brokers' cleanup.
+
+    On this test bed a `systemd --user` manager starting (other tests do that) moves every process
+    out of its pids/memory cgroups; podman then cannot stop a --pid host container (crun signals it
+    through the cgroup) and the process survives `podman rm -f`. Its command line names the test's
+    own data dir, so it is this test's and nothing else.
+    """
+    mark = str(tmp_path).encode()
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if mark in (d / "cmdline").read_bytes():
+                    os.kill(int(d.name), 9)
+            except OSError:
+                pass
 
 
 def running(broker: Broker) -> list[dict[str, Any]]:
