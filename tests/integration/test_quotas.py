@@ -73,7 +73,11 @@ def test_max_sidecars_refuses_with_quota_and_the_other_channel_is_unaffected(b, 
         assert b.request(client.start_request("dnsmasq", argv(b, ns), netns=ns), other)["ok"]
     assert len(b.containers(other)) == 2
     # Stopping frees the slot.
-    assert b.request(client.signal_request("KILL", pid=first["pid"]))["ok"]
+    k = b.request(client.signal_request("KILL", pid=first["pid"]))
+    if not k["ok"]:  # under heavy load `podman rm` can time out once: retry by name
+        assert k["error"]["code"] == "runtime_failed", k
+        k = b.request(client.signal_request("KILL", profile="dnsmasq", netns=ns1))
+    assert k["ok"], k
     assert b.request(client.start_request("dnsmasq", argv(b, ns4), netns=ns4))["ok"]
     assert len(b.containers()) == 1
     assert any(e["id"] == over["id"] and e["code"] == "quota" for e in b.audit())
