@@ -77,6 +77,10 @@ class UserManager:
                     HOME=str(self.root / "home"))
 
     @property
+    def log(self) -> Path:
+        return self.root / "units.log"
+
+    @property
     def unit_dir(self) -> Path:
         return self.root / "config" / "systemd" / "user"
 
@@ -87,13 +91,23 @@ class UserManager:
     def start(self) -> None:
         for d in ("run", "config", "home"):
             (self.root / d).mkdir(mode=0o700, parents=True, exist_ok=True)
+        # There is no journald here: send what every service prints to a file the tests can show.
+        dropin = self.unit_dir / "service.d"
+        dropin.mkdir(parents=True)
+        (dropin / "test-log.conf").write_text(f"[Service]\nStandardOutput=append:{self.log}\n"
+                                              f"StandardError=append:{self.log}\n")
         subprocess.run(["mount", "--make-rshared", "/"], check=True, timeout=30)
         os.makedirs("/run/netns", exist_ok=True)
         log = open(self.root / "manager.log", "ab")
-        script = ("mount -t tmpfs tmpfs /run/systemd && mkdir /run/systemd/system && "
-                  "exec /lib/systemd/systemd --user --log-target=console")
-        p = subprocess.Popen(["unshare", "--mount", "--propagation", "slave", "sh", "-c", script],
-                             stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=self.env, start_new_session=True)
+        # Its own cgroup subtree: a `systemd --user` started in the root cgroup takes the whole (v1) hierarchy
+        # for its own and moves other processes' controller cgroups around (other managers' sidecars too).
+        for d in self.cgroup_dirs:
+            d.mkdir(exist_ok=True)
+        enter = "".join(f"echo $$ > {d}/cgroup.procs && " for d in self.cgroup_dirs)
+        script = (f"{enter}exec unshare --mount --propagation slave sh -c 'mount -t tmpfs tmpfs /run/systemd && "
+                  "mkdir /run/systemd/system && exec /lib/systemd/systemd --user --log-target=console'")
+        p = subprocess.Popen(["sh", "-c", script], stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=self.env,
+                             start_new_session=True)
         self.pid = p.pid
         wait_for(lambda: self.systemctl("show", "-p", "Version", "--value").returncode == 0, timeout=20)
 
@@ -116,6 +130,18 @@ class UserManager:
             os.kill(self.pid, 9)
             os.waitpid(self.pid, 0)
         self.pid = 0
+        for top in self.cgroup_dirs:
+            for d in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)) + [top]:
+                try:
+                    d.rmdir()
+                except OSError:
+                    pass
+
+    @property
+    def cgroup_dirs(self) -> list[Path]:
+        name = f"safespawn-test-{self.root.name}"
+        return [Path(f"/sys/fs/cgroup/{h}/{name}") for h in ("systemd", "unified")
+                if os.path.ismount(f"/sys/fs/cgroup/{h}")]
 
 
 @pytest.fixture(scope="module")
@@ -217,6 +243,9 @@ class Host:
                             *args, "site.yml"], cwd=work, capture_output=True, text=True, env=env, timeout=600,
                            check=False)
         (work / "output.txt").write_text(p.stdout + p.stderr)
+        if p.returncode != 0:  # what the units printed, for the failure message
+            log = self.manager.log.read_text(errors="replace").splitlines() if self.manager.log.exists() else []
+            p.stderr += "\n--- what the units printed (tail) ---\n" + "\n".join(log[-40:])
         return p
 
 
@@ -227,7 +256,7 @@ def recap(p: subprocess.CompletedProcess[str]) -> dict[str, int]:
 
 
 def ok(p: subprocess.CompletedProcess[str]) -> dict[str, int]:
-    assert p.returncode == 0, p.stdout[-6000:] + p.stderr[-3000:]
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-5000:]
     r = recap(p)
     assert r["failed"] == 0 and r["unreachable"] == 0, p.stdout[-6000:]
     return r
@@ -271,7 +300,7 @@ def host(manager: UserManager, ansible_bin: Path, wheel: Path, test_image: str) 
     try:
         yield h
     finally:
-        netlab.podman_rm_by_label(f"safespawn.channel={h.channel}")
+        remove_containers(h.channel)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -342,7 +371,7 @@ def test_deployed_host_serves_a_wrapper_request_through_systemd_alone(host: Host
         lease = dhcp_lease(pair.client_ns, pair.client_if, timeout=10)
         assert lease["ip"] == pair.host(50)
         print(f"wrapper request served by systemd in {took:.2f}s")
-        netlab.podman_rm_by_label(f"safespawn.channel={host.channel}")
+        remove_containers(host.channel)
 
 
 def test_second_run_reports_no_change(host: Host) -> None:
@@ -383,43 +412,124 @@ def test_an_invalid_config_is_refused_before_it_is_put_in_place(host: Host) -> N
 
 
 def test_absent_removes_units_config_and_channel_folders_but_leaves_sidecars(host: Host) -> None:
-    # A running sidecar, left alone by a plain `absent`.
-    host.data_dir.mkdir(parents=True, exist_ok=True)
     with NetnsPair(server_ns=f"qdhcp-{uuid.uuid4()}") as pair:
-        argv = dnsmasq_argv(host.data_dir, pair)
-        env = dict(os.environ, PATH=f"{host.wrappers_dir}:/usr/sbin:/usr/bin:/sbin:/bin", SAFESPAWN_TIMEOUT="30")
-        p = subprocess.run(["ip", "netns", "exec", pair.server_ns, "dnsmasq", *argv], capture_output=True,
-                           text=True, env=env, timeout=60, check=False)
-        assert p.returncode == 0, p.stderr
-        (c,) = containers(host.channel)
+        sidecar = start_dnsmasq_through_the_wrapper(host, pair)
 
         r = ok(host.play(safespawn_state="absent"))
         assert r["changed"] > 0
         for unit in UNIT_NAMES:
             assert not (host.manager.unit_dir / unit).exists(), unit
-        units = host.manager.systemctl("list-units", "--all", "--no-legend", "safespawn*").stdout
-        assert "safespawn-sync@" not in units and "safespawn-reconcile" not in units, units
-        assert not (host.config_dir / "safespawn.toml").exists()
+        # Nothing loaded from a file, nothing running. (The sync service that started the sidecar may stay
+        # listed as "not-found inactive dead" while the sidecar's conmon lives on in its cgroup.)
+        assert not loaded_units(host.manager), loaded_units(host.manager)
         assert not host.config_dir.exists()
-        assert not (host.channels_dir / host.channel).exists()
         assert not host.channels_dir.exists()
         assert not host.wrappers_dir.exists()
         assert not host.venv.exists()
-        assert [x["State"] for x in containers(host.channel)] == ["running"], "sidecars are left alone"
+        assert [(c["Names"], c["State"]) for c in containers(host.channel)] == [(sidecar["Names"], "running")], \
+            "a plain absent leaves the sidecars running"
+        # Their state stays, so that a re-install resumes them; nothing else of safespawn's does.
+        assert leftovers(host) == {"var/lib/safespawn", "var/lib/safespawn/state"} | state_files(host), \
+            leftovers(host)
 
-        # Again: nothing left to do. Then with safespawn_stop_sidecars the sidecar goes too.
-        assert ok(host.play(safespawn_state="absent"))["changed"] == 0
-        ok(host.play())
-        ok(host.play(safespawn_state="absent", safespawn_stop_sidecars=True))
-        assert not containers(host.channel)
-        assert not (host.root / "var" / "lib" / "safespawn").exists()
-        leftovers = [str(p) for p in host.root.rglob("*") if not str(p).startswith(str(host.data_dir))]
-        assert leftovers == [str(host.root / "var" / "lib" / "neutron")] or not leftovers, leftovers
-    del c
+        # Again: nothing left to do.
+        p = host.play(safespawn_state="absent")
+        assert ok(p)["changed"] == 0, changed_tasks(p)
+
+        # With safespawn_stop_sidecars the channel's sidecars go too, even without the venv (podman removes
+        # them by label). A container started just now stands in for the sidecar: on the shared test bed,
+        # other `systemd --user` managers can move a long-lived sidecar out of its cgroups, after which
+        # podman can no longer stop it (see sidecar_diagnosis).
+        remove_containers(host.channel)
+        subprocess.run(["podman", "run", "-d", "--rm", "--network", "none", "--label", f"safespawn.channel={host.channel}",
+                        "--name", f"{host.channel}-leftover", host.image, "sleep", "600"], check=True,
+                       capture_output=True, timeout=60)
+        p = host.play(safespawn_state="absent", safespawn_stop_sidecars=True)
+        ok(p)
+        assert "Remove the channels' sidecars" in changed_tasks(p)
+        assert not containers(host.channel), sidecar_diagnosis(host)
+        assert leftovers(host) == set(), leftovers(host)
+
+
+def test_absent_with_stop_sidecars_stops_them_through_safespawn(host: Host) -> None:
+    ok(host.play())
+    with NetnsPair(server_ns=f"qdhcp-{uuid.uuid4()}") as pair:
+        start_dnsmasq_through_the_wrapper(host, pair)
+        p = host.play(safespawn_state="absent", safespawn_stop_sidecars=True)
+        ok(p)
+        assert "Remove the systemd units" in changed_tasks(p)
+        assert not containers(host.channel), sidecar_diagnosis(host)
+        assert not loaded_units(host.manager), loaded_units(host.manager)
+        for unit in UNIT_NAMES:
+            assert not (host.manager.unit_dir / unit).exists(), unit
+        assert leftovers(host) == set(), leftovers(host)
 
 
 # --------------------------------------------------------------------------------------------------
 # helpers
+
+
+def start_dnsmasq_through_the_wrapper(host: Host, pair: NetnsPair) -> dict[str, Any]:
+    """`ip netns exec NS dnsmasq ARGS` with the channel's wrapper first on PATH; returns the sidecar."""
+    host.data_dir.mkdir(parents=True, exist_ok=True)
+    host.data_dir.chmod(0o755)
+    env = dict(os.environ, PATH=f"{host.wrappers_dir}:/usr/sbin:/usr/bin:/sbin:/bin", SAFESPAWN_TIMEOUT="30")
+    p = subprocess.run(["ip", "netns", "exec", pair.server_ns, "dnsmasq", *dnsmasq_argv(host.data_dir, pair)],
+                       capture_output=True, text=True, env=env, timeout=60, check=False)
+    assert p.returncode == 0, p.stderr
+    (c,) = [c for c in containers(host.channel) if pair.server_ns in c["Names"][0]]
+    assert c["State"] == "running"
+    return c
+
+
+def state_files(host: Host) -> set[str]:
+    state = host.root / "var" / "lib" / "safespawn" / "state"
+    return {str(p.relative_to(host.root)) for p in state.rglob("*")} if state.exists() else set()
+
+
+def leftovers(host: Host) -> set[str]:
+    """What is left under the host's root, but the data dir and the empty parents the test itself implies."""
+    implied = {"etc", "opt", "var", "var/lib"}
+    out = set()
+    for p in host.root.rglob("*"):
+        rel = str(p.relative_to(host.root))
+        if p == host.data_dir or host.data_dir in p.parents:
+            continue
+        if rel in implied and p.is_dir():
+            continue
+        out.add(rel)
+    return out
+
+
+def sidecar_diagnosis(host: Host) -> str:
+    """Why a sidecar may have survived `podman rm`: its processes' cgroups (see the module's notes)."""
+    lines = []
+    for c in containers(host.channel):
+        lines.append(f"{c['Names']} {c['State']} pid {c.get('Pid')}")
+        try:
+            lines.append(Path(f"/proc/{c.get('Pid')}/cgroup").read_text())
+        except OSError:
+            pass
+    return "\n".join(lines)
+
+
+def remove_containers(channel: str) -> None:
+    """Remove a channel's containers; kill their processes first, in case podman lost track of them."""
+    for c in containers(channel):
+        pid = c.get("Pid") or 0
+        if pid > 1:
+            try:
+                os.kill(pid, 9)
+            except OSError:
+                pass
+    netlab.podman_rm_by_label(f"safespawn.channel={channel}")
+
+
+def loaded_units(manager: UserManager) -> list[str]:
+    """safespawn units the manager has loaded from a file, or that are active, or failed."""
+    out = manager.systemctl("list-units", "--all", "--plain", "--no-legend", "--no-pager", "safespawn*").stdout
+    rows = [line.split() for line in out.splitlines() if line.strip()]
+    return [" ".join(r[:4]) for r in rows if len(r) >= 4 and (r[1], r[2]) != ("not-found", "inactive")]
 
 
 def host_last_output(host: Host) -> str:
