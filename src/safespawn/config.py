@@ -55,6 +55,9 @@ class BrokerConfig:
     reply_ttl: int = 600
     reconcile_interval: int = 60
     podman_timeout: int = 60
+    # After starting containers, wait this long before checking they still run: a program that
+    # rejects its configuration exits within milliseconds, and the agent should hear why.
+    start_settle_ms: int = 200
 
 
 @dataclass(frozen=True)
@@ -144,6 +147,7 @@ def parse_config(data: dict[str, Any], path: Path | None = None) -> Config:
         reply_ttl=_positive(_take(b, "reply_ttl", int, where, 600), "broker.reply_ttl"),
         reconcile_interval=_positive(_take(b, "reconcile_interval", int, where, 60), "broker.reconcile_interval"),
         podman_timeout=_positive(_take(b, "podman_timeout", int, where, 60), "broker.podman_timeout"),
+        start_settle_ms=_take(b, "start_settle_ms", int, where, 200),
     )
     if b:
         raise ConfigError(f"broker: unknown keys {', '.join(sorted(b))}")

@@ -357,6 +357,8 @@ class Engine:
         starts = [it for it in items if it.action == "start" and it.reply is None]
         if not starts:
             return
+        if any(it.started for it in starts):
+            time.sleep(max(0, self.config.broker.start_settle_ms) / 1000)
         now = {c.name: c for c in self.runtime.list(channel.name)}
         for it in starts:
             c = now.get(it.target)
