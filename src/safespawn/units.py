@@ -423,7 +423,19 @@ def install(cfg: Config, *, scope: str, channels: list[str], unit_dir: Path, exe
     changed = {name for name, text in units.items() if _write_unit(unit_dir, name, text, report)}
     _add(manifest.units, *units)
 
-    # 3. the manager: reload, enable, start (restart what changed, re-arm what failed).
+    # 3. the manager: reload, enable, start (restart what changed, re-arm what failed). What was
+    # created is recorded even if systemctl fails below, so that uninstall can still remove it.
+    try:
+        _activate(channels, changed, scope, report)
+    finally:
+        if report.changes and not dry_run:
+            manifest.save(b.state_dir)
+    report.summary()
+    return ExitCode.OK
+
+
+def _activate(channels: list[str], changed: set[str], scope: str, report: Report) -> None:
+    dry_run = report.dry_run
     sc = Systemctl(scope)
     wanted = [path_unit(ch) for ch in channels] + [RECONCILE_TIMER]
     if changed and report.change(f"reload the {scope} manager (systemctl daemon-reload)"):
@@ -450,11 +462,6 @@ def install(cfg: Config, *, scope: str, channels: list[str], unit_dir: Path, exe
                 sc.run("start", "--", u)
         elif template in changed and report.change(f"restart {u} (its unit file changed)"):
             sc.run("restart", "--", u)
-
-    if report.changes and not dry_run:
-        manifest.save(b.state_dir)
-    report.summary()
-    return ExitCode.OK
 
 
 # -- uninstall -------------------------------------------------------------------------------
@@ -503,10 +510,15 @@ def uninstall(cfg: Config, *, scope: str | None, unit_dir: Path | None, stop_sid
     try:
         loaded = set(sc.list_units("safespawn-*"))
         states = sc.show(sorted({path_unit(ch) for ch in channels} | {RECONCILE_TIMER} | loaded))
-    except InstallError:
-        if not dry_run:
-            raise
+    except InstallError as e:
+        # No manager to talk to (a chroot, an image build, a host not booted with systemd): nothing
+        # runs, so removing the files is the whole job, including what `enable` linked.
         loaded, states = set(), {}
+        report.note(f"the {scope} manager cannot be reached, only files are removed ({e})")
+        for wants in ("paths.target.wants", "timers.target.wants"):
+            for link in sorted((unit_dir / wants).glob("safespawn-*")) if (unit_dir / wants).is_dir() else []:
+                if link.is_symlink() and report.change(f"remove {link}"):
+                    link.unlink()
     watchers = [u for u, st in states.items() if u.endswith((".path", ".timer"))
                 and (st.get("UnitFileState") == "enabled" or st.get("ActiveState") not in ("inactive", None)
                      or u in loaded)]
@@ -525,7 +537,7 @@ def uninstall(cfg: Config, *, scope: str | None, unit_dir: Path | None, stop_sid
             removed = True
             if report.change(f"remove {path}"):
                 path.unlink()
-    if (removed or watchers) and report.change(f"reload the {scope} manager (systemctl daemon-reload)"):
+    if (removed or watchers) and states and report.change(f"reload the {scope} manager (systemctl daemon-reload)"):
         sc.run("daemon-reload", check=False)
         sc.run("reset-failed", "--", "safespawn-*", check=False)
 
