@@ -31,9 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from support import netlab
-from support.netlab import NetnsPair, dhcp_lease, wait_for
+from support.netlab import NetnsPair, dhcp_lease
 
 REPO = Path(__file__).resolve().parents[2]
 COLLECTIONS = REPO / "ansible"
@@ -66,82 +65,49 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @dataclass
 class UserManager:
-    """A real `systemd --user` in its own mount namespace, with its own runtime and config dirs."""
+    """A real `systemd --user` (scripts/user-systemd) with its own runtime, config and home dirs."""
 
     root: Path
-    pid: int = 0
+
+    @property
+    def runtime_dir(self) -> Path:
+        # Unique name: scripts/user-systemd names the manager's cgroups after it.
+        return self.root / f"xdg-{self.root.name}"
 
     @property
     def env(self) -> dict[str, str]:
-        return dict(os.environ, XDG_RUNTIME_DIR=str(self.root / "run"), XDG_CONFIG_HOME=str(self.root / "config"),
+        return dict(os.environ, XDG_RUNTIME_DIR=str(self.runtime_dir), XDG_CONFIG_HOME=str(self.root / "config"),
                     HOME=str(self.root / "home"))
-
-    @property
-    def log(self) -> Path:
-        return self.root / "units.log"
 
     @property
     def unit_dir(self) -> Path:
         return self.root / "config" / "systemd" / "user"
 
+    @property
+    def log(self) -> Path:
+        return self.root / "units.log"
+
     def systemctl(self, *args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
         return subprocess.run(["systemctl", "--user", *args], capture_output=True, text=True, timeout=120,
                               env=self.env, check=check)
 
+    def script(self, op: str) -> None:
+        p = subprocess.run(["bash", str(REPO / "scripts" / "user-systemd"), op], capture_output=True, text=True,
+                           timeout=60, env=self.env, check=False)
+        assert p.returncode == 0, p.stderr
+
     def start(self) -> None:
-        for d in ("run", "config", "home"):
+        for d in ("config", "home"):
             (self.root / d).mkdir(mode=0o700, parents=True, exist_ok=True)
         # There is no journald here: send what every service prints to a file the tests can show.
         dropin = self.unit_dir / "service.d"
         dropin.mkdir(parents=True)
         (dropin / "test-log.conf").write_text(f"[Service]\nStandardOutput=append:{self.log}\n"
                                               f"StandardError=append:{self.log}\n")
-        subprocess.run(["mount", "--make-rshared", "/"], check=True, timeout=30)
-        os.makedirs("/run/netns", exist_ok=True)
-        log = open(self.root / "manager.log", "ab")
-        # Its own cgroup subtree: a `systemd --user` started in the root cgroup takes the whole (v1) hierarchy
-        # for its own and moves other processes' controller cgroups around (other managers' sidecars too).
-        for d in self.cgroup_dirs:
-            d.mkdir(exist_ok=True)
-        enter = "".join(f"echo $$ > {d}/cgroup.procs && " for d in self.cgroup_dirs)
-        script = (f"{enter}exec unshare --mount --propagation slave sh -c 'mount -t tmpfs tmpfs /run/systemd && "
-                  "mkdir /run/systemd/system && exec /lib/systemd/systemd --user --log-target=console'")
-        p = subprocess.Popen(["sh", "-c", script], stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=self.env,
-                             start_new_session=True)
-        self.pid = p.pid
-        wait_for(lambda: self.systemctl("show", "-p", "Version", "--value").returncode == 0, timeout=20)
+        self.script("start")
 
     def stop(self) -> None:
-        if not self.pid:
-            return
-        try:
-            os.kill(self.pid, 15)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            try:
-                if os.waitpid(self.pid, os.WNOHANG)[0]:
-                    break
-            except ChildProcessError:
-                break
-            time.sleep(0.05)
-        else:
-            os.kill(self.pid, 9)
-            os.waitpid(self.pid, 0)
-        self.pid = 0
-        for top in self.cgroup_dirs:
-            for d in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)) + [top]:
-                try:
-                    d.rmdir()
-                except OSError:
-                    pass
-
-    @property
-    def cgroup_dirs(self) -> list[Path]:
-        name = f"safespawn-test-{self.root.name}"
-        return [Path(f"/sys/fs/cgroup/{h}/{name}") for h in ("systemd", "unified")
-                if os.path.ismount(f"/sys/fs/cgroup/{h}")]
+        self.script("stop")
 
 
 @pytest.fixture(scope="module")
