@@ -355,17 +355,23 @@ def test_check_mode_on_a_deployed_host_reports_no_change(host: Host) -> None:
 def test_a_config_change_reconciles_without_reinstalling(host: Host) -> None:
     channel = host.role_vars()["safespawn_channels"][0]
     changed = [dict(channel, max_sidecars=9)]
-    p = host.play("--diff", safespawn_channels=changed)
+    # A custom profile too: the built-in dnsmasq one, as an operator would start an override.
+    dnsmasq = (REPO / "src" / "safespawn" / "profiles" / "dnsmasq.toml").read_text()
+    p = host.play("--diff", safespawn_channels=changed, safespawn_custom_profiles={"dnsmasq": dnsmasq})
     ok(p)
     assert "+max_sidecars = 9" in p.stdout
     names = changed_tasks(p)
-    assert "Write the host configuration, checked by safespawn before it is put in place" in names
-    assert "Reconcile safespawn channels" in names
-    assert "Install the systemd units and channel folders" not in names
-    assert "Reload the systemd manager" not in names
+    assert names == ["Write the custom profiles", "Write the host configuration, checked by safespawn before it is put in place",
+                     "Reconcile safespawn channels"], names
     assert "max_sidecars = 9" in (host.config_dir / "safespawn.toml").read_text()
-    # And back, so the rest of the module sees the deployment it expects.
-    ok(host.play())
+    assert (host.config_dir / "profiles" / "dnsmasq.toml").read_text().endswith(dnsmasq)
+    # And back: the profile this role wrote goes, so the rest of the module sees the deployment it expects.
+    p = host.play()
+    ok(p)
+    assert changed_tasks(p) == ["Remove the custom profiles no longer configured",
+                                "Write the host configuration, checked by safespawn before it is put in place",
+                                "Reconcile safespawn channels"], changed_tasks(p)
+    assert not (host.config_dir / "profiles" / "dnsmasq.toml").exists()
 
 
 def test_an_invalid_config_is_refused_before_it_is_put_in_place(host: Host) -> None:
