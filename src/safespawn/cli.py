@@ -87,20 +87,27 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     if args.op == "start":
-        # `start PROFILE [--netns NS] -- ARGS...`: everything after `--` is the program's.
+        # `start PROFILE [--netns NS] -- ARGS...`: everything after `--` is the program's. argparse
+        # drops the `--` itself when it comes first, so leading --netns options are taken here.
         rest = list(args.args)
         netns = args.netns
-        while rest and rest[0] != "--":
-            opt = rest.pop(0)
-            if opt == "--netns" and rest:
-                netns = rest.pop(0)
+        if "--" in rest:
+            opts, rest = rest[:rest.index("--")], rest[rest.index("--") + 1:]
+        else:
+            opts = []
+            while len(rest) >= 2 and rest[0] == "--netns":
+                opts, rest = opts + rest[:2], rest[2:]
+        while opts:
+            opt = opts.pop(0)
+            if opt == "--netns" and opts:
+                netns = opts.pop(0)
             elif opt.startswith("--netns="):
                 netns = opt.partition("=")[2]
             else:
                 print(f"safespawn submit: unexpected {opt!r} before '--' (program arguments follow '--')",
                       file=sys.stderr)
                 return ExitCode.USAGE
-        req = client.start_request(args.profile, rest[1:], netns=netns)
+        req = client.start_request(args.profile, rest, netns=netns)
     elif args.op == "signal":
         req = client.signal_request(args.signal, pid=args.pid, profile=args.profile, netns=args.netns)
     else:

@@ -359,11 +359,14 @@ class Engine:
             return
         if any(it.started for it in starts):
             time.sleep(max(0, self.config.broker.start_settle_ms) / 1000)
-        now = {c.name: c for c in self.runtime.list(channel.name)}
+        now = self.runtime.inspect(sorted({it.target for it in starts}))
         for it in starts:
             c = now.get(it.target)
-            if c is None or not c.running:
-                why = f"exited with code {c.exit_code}" if c else "is not running"
+            # A restart by podman's own restart policy already means it died once: report it, since
+            # it would otherwise look "running" in the middle of a crash loop.
+            if c is None or not c.running or (it.started and c.restarts > 0):
+                why = (("is not running" if c is None else f"exited with code {c.exit_code}")
+                       if c is None or not c.running else f"exited and was restarted {c.restarts} time(s)")
                 logs = self.runtime.logs(it.target) if c else ""
                 self.runtime.remove(it.target)
                 msg = f"sidecar {it.target} {why}" + (f": {logs[-400:]}" if logs else "")

@@ -62,3 +62,23 @@ def test_nothing_from_the_request_goes_before_the_image_except_checked_fused_val
     # Every host-side option is one token: a value can never become an option of its own.
     assert all(a.startswith("--") for a in before[2:]) and before[:2] == ["podman", "run"]
     assert "--entrypoint=[\"dnsmasq\", \"-k\"]" in before
+
+
+@pytest.mark.parametrize("cmdline,netns,argv", [
+    (["start", "dnsmasq", "--netns", "qdhcp-x", "--", "--no-hosts"], "qdhcp-x", ["--no-hosts"]),
+    (["start", "dnsmasq", "--", "--no-hosts", "--bind-dynamic"], None, ["--no-hosts", "--bind-dynamic"]),
+    (["start", "--netns", "qdhcp-y", "dnsmasq", "--", "--netns"], "qdhcp-y", ["--netns"]),
+    (["start", "dnsmasq", "--netns=qdhcp-z", "--", "-k"], "qdhcp-z", ["-k"]),
+])
+def test_submit_start_separates_its_options_from_the_programs(tmp_path, monkeypatch, cmdline, netns, argv):
+    from safespawn import cli, client
+
+    seen = {}
+
+    def fake_submit(channel_dir, request, timeout):
+        seen.update(request)
+        return {"v": 1, "id": request["id"], "ok": True, "sidecar": "s", "pid": 2, "error": None}
+
+    monkeypatch.setattr(client, "submit", fake_submit)
+    assert cli.main(["submit", "--channel-dir", str(tmp_path), *cmdline]) == 0
+    assert (seen["netns"], seen["argv"]) == (netns, argv)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -17,6 +18,7 @@ class Container:
     labels: dict[str, str] = field(default_factory=dict)
     started: int = 0  # unix seconds
     exit_code: int = 0
+    restarts: int = 0  # restarts by the runtime's own restart policy (known from inspect only)
 
     @property
     def running(self) -> bool:
@@ -45,3 +47,7 @@ class Runtime(Protocol):
         ...
 
     def logs(self, name: str, lines: int = 20) -> str: ...
+
+    def inspect(self, names: Sequence[str]) -> dict[str, Container]:
+        """The named containers that exist, with their restart counts, in one call."""
+        ...

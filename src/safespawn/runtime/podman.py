@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import subprocess
+from collections.abc import Sequence
 from typing import Any
 
 from ..errors import RuntimeFailed
@@ -92,6 +93,30 @@ class PodmanRuntime:
                 started=int(r.get("StartedAt") or 0),
                 exit_code=int(r.get("ExitCode") or 0),
             ))
+        return result
+
+    def inspect(self, names: Sequence[str]) -> dict[str, Container]:
+        if not names:
+            return {}
+        # A missing name makes podman exit non-zero but still print the others.
+        out = self._run(["container", "inspect", "--format=json", "--", *names], check=False)
+        try:
+            rows: list[dict[str, Any]] = json.loads(out or "[]")
+        except ValueError as e:
+            raise RuntimeFailed(f"podman inspect printed invalid JSON: {e}") from None
+        result = {}
+        for r in rows:
+            st = r.get("State") or {}
+            name = str(r.get("Name", "")).lstrip("/")
+            result[name] = Container(
+                id=str(r.get("Id", "")),
+                name=name,
+                state=str(st.get("Status", "")).lower(),
+                pid=int(st.get("Pid") or 0),
+                labels=dict((r.get("Config") or {}).get("Labels") or {}),
+                exit_code=int(st.get("ExitCode") or 0),
+                restarts=int(r.get("RestartCount") or 0),
+            )
         return result
 
     def run(self, spec: SidecarSpec) -> str:
