@@ -297,6 +297,40 @@ def test_check_mode_on_a_fresh_host_changes_nothing_on_disk(manager: UserManager
     assert not containers(fresh.channel)
 
 
+def test_the_readme_example_for_a_dhcp_and_l3_host_deploys_and_goes(manager: UserManager, ansible_bin: Path,
+                                                                   wheel: Path, test_image: str) -> None:
+    """The role README's example playbook, with its paths redirected and its channels renamed."""
+    readme = (ROLE / "README.md").read_text()
+    block = readme.split("## Example: a Neutron DHCP + L3 host", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    plays = json.loads(subprocess.run([str(ansible_bin / "python"), "-c",
+                                       "import json, sys, yaml; print(json.dumps(yaml.safe_load(sys.stdin)))"],
+                                      input=block, capture_output=True, text=True, check=True, timeout=60).stdout)
+    example = plays[0]["roles"][0]["vars"]
+    token = uuid.uuid4().hex[:6]
+    channels = [dict(c, name=f"{c['name']}-{token}") for c in example["safespawn_channels"]]
+    assert [c["name"].rsplit("-", 1)[0] for c in channels] == ["neutron-dhcp", "neutron-l3"]
+    h = Host(manager.root / "example", channels[0]["name"], manager, ansible_bin, wheel, test_image)
+    try:
+        ok(h.play(safespawn_channels=channels, neutron_sidecar_image=test_image))
+        config = (h.config_dir / "safespawn.toml").read_text()
+        for c in channels:
+            assert f"[channels.{c['name']}]" in config
+            assert os.access(h.root / "var/lib/safespawn/wrappers" / c["name"] / "keepalived", os.X_OK)
+            mounts = json.loads((h.config_dir / "agent-mounts" / f"{c['name']}.json").read_text())
+            assert mounts["neutron"] == {"AGENT": {"kill_scripts_path": "/usr/local/sbin"}}
+            assert f"{h.channels_dir}/{c['name']}/outbox:{h.channels_dir}/{c['name']}/outbox:ro,nodev,nosuid,noexec" \
+                in mounts["volumes"]
+            assert (h.channels_dir / c["name"] / "inbox").stat().st_uid == 42435
+        active = manager.systemctl("is-active", *(f"safespawn-sync@{c['name']}.path" for c in channels)).stdout
+        assert active.split() == ["active", "active"]
+        ok(h.play(safespawn_state="absent", safespawn_stop_sidecars=True,
+                  safespawn_channels=[{"name": c["name"]} for c in channels]))
+        assert leftovers(h) == set(), leftovers(h)
+    finally:
+        for c in channels:
+            remove_containers(c["name"])
+
+
 def test_deployed_host_serves_a_wrapper_request_through_systemd_alone(host: Host) -> None:
     r = ok(host.play())
     assert r["changed"] > 0
