@@ -415,6 +415,15 @@ def test_an_invalid_config_is_refused_before_it_is_put_in_place(host: Host) -> N
     assert p.returncode != 0
     assert "failed validating" in p.stdout or "no profile named" in p.stdout, p.stdout[-3000:]
     assert (host.config_dir / "safespawn.toml").read_text() == before
+    # A custom profile safespawn's parser refuses never reaches the profiles dir either.
+    builtin = (REPO / "src" / "safespawn" / "profiles" / "dnsmasq.toml").read_text()
+    assert 'name = "dnsmasq"' in builtin
+    for text, why in (('name = "dnsmasq"\ncommand = []\n', "profile dnsmasq: netns_pattern is required"),
+                      (builtin.replace('name = "dnsmasq"', 'name = "other"'), "its name must be 'dnsmasq'")):
+        p = host.play(safespawn_custom_profiles={"dnsmasq": text})
+        assert p.returncode != 0
+        assert why in p.stdout, p.stdout[-3000:]
+        assert not (host.config_dir / "profiles" / "dnsmasq.toml").exists()
 
 
 def test_absent_removes_units_config_and_channel_folders_but_leaves_sidecars(host: Host) -> None:
