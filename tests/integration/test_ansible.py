@@ -321,8 +321,15 @@ def test_the_readme_example_for_a_dhcp_and_l3_host_deploys_and_goes(manager: Use
             assert f"{h.channels_dir}/{c['name']}/outbox:{h.channels_dir}/{c['name']}/outbox:ro,nodev,nosuid,noexec" \
                 in mounts["volumes"]
             assert (h.channels_dir / c["name"] / "inbox").stat().st_uid == 42435
-        active = manager.systemctl("is-active", *(f"safespawn-sync@{c['name']}.path" for c in channels)).stdout
-        assert active.split() == ["active", "active"]
+        paths = [f"safespawn-sync@{c['name']}.path" for c in channels]
+        assert manager.systemctl("is-active", *paths).stdout.split() == ["active", "active"]
+        # The L3 channel dropped from the play: no longer watched, its mount file gone.
+        p = h.play(safespawn_channels=channels[:1], neutron_sidecar_image=test_image)
+        ok(p)
+        assert "Stop watching the channels no longer configured" in changed_tasks(p)
+        assert manager.systemctl("is-active", *paths).stdout.split() == ["active", "inactive"]
+        assert manager.systemctl("is-enabled", paths[1]).stdout.strip() == "disabled"
+        assert not (h.config_dir / "agent-mounts" / f"{channels[1]['name']}.json").exists()
         ok(h.play(safespawn_state="absent", safespawn_stop_sidecars=True,
                   safespawn_channels=[{"name": c["name"]} for c in channels]))
         assert leftovers(h) == set(), leftovers(h)
