@@ -7,12 +7,15 @@ this repo. Then:
 
 - a request from a generated wrapper, run under `ip netns exec` in a real netns, is served by systemd
   alone (path unit -> oneshot sync) and its dnsmasq sidecar hands out a real DHCP lease;
-- a second run reports changed=0; a config change restarts only the reconcile service;
+- a second run reports changed=0, and so does check mode on the deployed host;
+- a config or profile change runs only the reconcile handler; a bad config or profile never lands;
 - check mode on a fresh host changes nothing on disk;
-- `safespawn_state: absent` leaves no units, config or channel folders;
-- ansible-lint's production profile passes on the role.
+- `safespawn_state: absent` leaves no units, config or channel folders, and leaves running sidecars
+  alone unless `safespawn_stop_sidecars`;
+- the README's DHCP + L3 example deploys, drops a channel, and goes;
+- ansible-lint's production profile passes on the collection.
 
-The tests of this module share one deployment and run in file order.
+The tests that take the `host` fixture share one deployment and run in file order.
 """
 
 from __future__ import annotations
