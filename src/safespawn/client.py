@@ -21,7 +21,7 @@ import os
 import secrets
 import sys
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 PROTOCOL_VERSION = 1
 DEFAULT_TIMEOUT = 60.0
@@ -244,6 +244,18 @@ def _float_env(name: str, default: float) -> float:
         return default
 
 
+def _ask(channel_dir: str, request: Dict[str, Any], who: str) -> Tuple[Optional[Dict[str, Any]], int]:
+    """Submit and wait; on failure to get a reply, say why on stderr and return the exit code."""
+    try:
+        return submit(channel_dir, request, timeout=_timeout_from_env()), EXIT_OK
+    except NoBroker as e:
+        sys.stderr.write("%s: %s\n" % (who, e))
+        return None, EXIT_NO_BROKER
+    except OSError as e:
+        sys.stderr.write("%s: cannot write to the safespawn channel %s: %s\n" % (who, channel_dir, e))
+        return None, EXIT_FAILED
+
+
 def wrapper_main(profile: str, channel_dir: str, argv: Optional[List[str]] = None) -> int:
     """Entry point of a program wrapper (`dnsmasq ARGS...`): ask the host to run it as a sidecar.
 
@@ -256,15 +268,9 @@ def wrapper_main(profile: str, channel_dir: str, argv: Optional[List[str]] = Non
     netns = current_netns()
     if profile in NETNS_OPTIONS:
         netns = option_value(args, NETNS_OPTIONS[profile]) or netns
-    request = start_request(profile, args, netns=netns)
-    try:
-        reply = submit(channel_dir, request, timeout=_timeout_from_env())
-    except NoBroker as e:
-        sys.stderr.write("%s: %s\n" % (profile, e))
-        return EXIT_NO_BROKER
-    except OSError as e:
-        sys.stderr.write("%s: cannot write to the safespawn channel %s: %s\n" % (profile, channel_dir, e))
-        return EXIT_FAILED
+    reply, rc = _ask(channel_dir, start_request(profile, args, netns=netns), profile)
+    if reply is None:
+        return rc
     if not reply.get("ok"):
         sys.stderr.write("%s: refused by safespawn: %s\n" % (profile, describe_error(reply)))
         return EXIT_FAILED
@@ -318,14 +324,9 @@ def kill_main(profile: str, channel_dir: str, argv: Optional[List[str]] = None) 
         return EXIT_USAGE
     request = signal_request(sig, pid=pid)
     request["profile"] = profile
-    try:
-        reply = submit(channel_dir, request, timeout=_timeout_from_env())
-    except NoBroker as e:
-        sys.stderr.write("%s-kill: %s\n" % (profile, e))
-        return EXIT_NO_BROKER
-    except OSError as e:
-        sys.stderr.write("%s-kill: cannot write to the safespawn channel %s: %s\n" % (profile, channel_dir, e))
-        return EXIT_FAILED
+    reply, rc = _ask(channel_dir, request, profile + "-kill")
+    if reply is None:
+        return rc
     if reply.get("ok"):
         return EXIT_OK
     err = reply.get("error") or {}
