@@ -130,10 +130,12 @@ class Engine:
                        result: SyncResult, waiting: int) -> None:
         """A flood: refuse the newest requests beyond max_pending with `quota`, cheaply."""
         entries, _ = chan.pending(waiting)
-        excess = entries[channel.max_pending:]
+        # An id the ledger knows (answered, or claimed before a crash) keeps its normal path: a
+        # replay or an interrupted request must still get its one reply.
+        excess = [e for e in entries[channel.max_pending:] if e.rid is None or e.rid not in state.ledger]
         answered = []
         for e in excess:
-            if e.rid is not None and e.rid not in state.ledger:
+            if e.rid is not None:
                 reply = Reply.failure(e.rid, ErrorCode.QUOTA, f"more than {channel.max_pending} requests pending")
                 chan.write_reply(reply.to_dict(), fsync=False)
                 answered.append((e.rid, "", reply.to_dict()))

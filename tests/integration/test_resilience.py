@@ -118,3 +118,27 @@ def test_a_full_disk_fails_the_sync_but_loses_no_request_and_leaks_no_sidecar(sm
         assert b.pending() == []
         assert [c["State"] for c in b.containers()] == ["running"]
         assert list(b.desired()) == [reply["sidecar"]]
+
+
+def test_a_flood_does_not_swallow_a_request_claimed_before_a_crash(tmp_path, test_image):
+    import hashlib
+    import time
+
+    from safespawn.state import ChannelState
+
+    with Broker.make(tmp_path / "b", image=test_image, extra="max_pending = 2") as b:
+        reqs = [client.signal_request("HUP", pid=4000100 + i) for i in range(5)]
+        for r in reqs:
+            b.write(r)
+            time.sleep(0.01)  # distinct mtimes: the last ones are the "excess"
+        # The newest request had been claimed by a sync that then crashed.
+        claimed = reqs[-1]
+        raw = (b.channel_dir() / "inbox" / "new" / f"{claimed['id']}.json").read_bytes()
+        with ChannelState.locked(str(b.root / "state"), b.channel) as st:
+            st.claim([(claimed["id"], hashlib.sha256(raw).hexdigest())])
+        b.sync()
+        replies = {r["id"]: b.reply(r["id"]) for r in reqs}
+        assert all(replies.values()), replies  # every request got its one reply
+        assert replies[claimed["id"]]["error"]["code"] != "quota"
+        assert [replies[r["id"]]["error"]["code"] for r in reqs[2:4]] == ["quota", "quota"]
+        assert b.pending() == []
