@@ -36,6 +36,13 @@ def pct(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
 
 
+def remove_bench_containers() -> None:
+    ids = subprocess.run(["podman", "ps", "-aq", "--filter", "label=safespawn.bench=1"], capture_output=True,
+                         text=True, check=False).stdout.split()
+    if ids:
+        subprocess.run(["podman", "rm", "-f", "-t", "0", *ids], capture_output=True, check=False)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=50)
@@ -85,7 +92,7 @@ def main() -> int:
         def raw_run(s, suffix: str) -> None:
             cmd = run_argv(s)
             cmd = [a if not a.startswith("--name=") else f"{a}-{suffix}" for a in cmd]
-            cmd = [a for a in cmd if not a.startswith(f"--label=safespawn.channel")] + []
+            cmd = [a for a in cmd if not a.startswith("--label=safespawn.channel")]
             cmd.insert(2, "--label=safespawn.bench=1")
             subprocess.run(cmd, check=True, capture_output=True)
 
@@ -93,14 +100,12 @@ def main() -> int:
         for s in specs:
             raw_run(s, "serial")
         serial = time.monotonic() - t1
-        subprocess.run("podman rm -f -t 0 $(podman ps -aq --filter label=safespawn.bench=1)", shell=True,
-                       capture_output=True)
+        remove_bench_containers()
         t2 = time.monotonic()
         with ThreadPoolExecutor(max_workers=args.parallel) as pool:
             list(pool.map(lambda s: raw_run(s, "par"), specs))
         par = time.monotonic() - t2
-        subprocess.run("podman rm -f -t 0 $(podman ps -aq --filter label=safespawn.bench=1)", shell=True,
-                       capture_output=True)
+        remove_bench_containers()
         result = {
             "n": n, "parallel_starts": args.parallel, "running_after": running,
             "safespawn_total_s": round(total, 2), "drain_rate_per_s": round(n / total, 1),
