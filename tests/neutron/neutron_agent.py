@@ -22,44 +22,10 @@ import os
 import sys
 import traceback
 import types
-import warnings
 
-warnings.filterwarnings('ignore')
+from neutron_conf import register_agent_options  # noqa: E402
 
-from neutron.common import config as common_config  # noqa: E402
-from neutron.conf.agent import common as agent_conf  # noqa: E402
-from neutron.conf.agent import dhcp as dhcp_conf  # noqa: E402
-from neutron.conf.agent.l3 import config as l3_conf  # noqa: E402
-from neutron.conf.agent.l3 import ha as ha_conf  # noqa: E402
-from neutron.conf.agent.metadata import config as meta_conf  # noqa: E402
-from oslo_config import cfg  # noqa: E402
-
-CONF = cfg.CONF
-
-
-def _reg(fn, *a, **k):
-    try:
-        fn(*a, **k)
-    except (cfg.DuplicateOptError, cfg.ArgsAlreadyParsedError):
-        pass
-
-
-_reg(common_config.register_common_config_options)
-_reg(l3_conf.register_l3_agent_config_opts, l3_conf.OPTS, CONF)
-_reg(ha_conf.register_l3_agent_ha_opts, CONF)
-_reg(meta_conf.register_meta_conf_opts, meta_conf.SHARED_OPTS, CONF)
-_reg(meta_conf.register_meta_conf_opts, meta_conf.METADATA_RATE_LIMITING_OPTS, cfg=CONF,
-     group=meta_conf.RATE_LIMITING_GROUP)
-_reg(meta_conf.register_meta_conf_opts, meta_conf.METADATA_HAPROXY_OPTS, cfg=CONF,
-     group=meta_conf.HAPROXY_GROUP)
-_reg(agent_conf.register_interface_driver_opts_helper, CONF)
-_reg(agent_conf.register_interface_opts, CONF)
-_reg(agent_conf.register_external_process_opts, CONF)
-_reg(agent_conf.register_process_monitor_opts, CONF)
-_reg(agent_conf.register_root_helper, CONF)
-_reg(agent_conf.register_ra_opts, CONF)
-_reg(dhcp_conf.register_agent_dhcp_opts, CONF)
-CONF([], project='neutron', default_config_files=[], default_config_dirs=[])
+CONF = register_agent_options()
 
 CONF.set_override('state_path', os.environ['NEUTRON_STATE_PATH'])
 CONF.set_override('host', 'net-node-1')
