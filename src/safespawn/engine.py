@@ -37,6 +37,8 @@ from .state import ChannelState, DesiredSidecar
 
 log = logging.getLogger(__name__)
 BATCH = 256
+# The id of a listing entry for a container this batch started (its real id and pid come later).
+STARTED_IN_BATCH = "(started in this batch)"
 
 
 @dataclass
@@ -327,14 +329,14 @@ class Engine:
         c = listing.get(name)
         if it.action == "start":
             assert it.spec is not None
-            if c is not None and c.spec_hash == it.spec.spec_hash and (c.running or c.id == "(this batch)"):
+            if c is not None and c.spec_hash == it.spec.spec_hash and (c.running or c.id == STARTED_IN_BATCH):
                 return  # the same sidecar already runs: nothing to do (reply filled in later)
             if c is not None:
                 self.runtime.remove(name)  # different spec, or exited/created: replace it
             self.runtime.run(it.spec)
             it.started = True
             # Later requests of this batch for the same sidecar see what was just started.
-            listing[name] = Container("(this batch)", name, "created", 0, it.spec.labels)
+            listing[name] = Container(STARTED_IN_BATCH, name, "created", 0, it.spec.labels)
         elif it.action == "deliver":
             self.runtime.signal(name, it.signal)
             it.reply = Reply(it.request.id, True, name, c.pid if c else None)
@@ -355,7 +357,7 @@ class Engine:
 
     def _finish_starts(self, channel: ChannelConfig, state: ChannelState, items: list[Item],
                        audit: AuditLog) -> None:
-        """One listing after all starts: the reply carries the host pid, or why it did not run."""
+        """One inspect after all starts: the reply carries the host pid, or why it did not run."""
         starts = [it for it in items if it.action == "start" and it.reply is None]
         if not starts:
             return
@@ -366,9 +368,15 @@ class Engine:
             c = now.get(it.target)
             # A restart by podman's own restart policy already means it died once: report it, since
             # it would otherwise look "running" in the middle of a crash loop.
-            if c is None or not c.running or (it.started and c.restarts > 0):
-                why = (("is not running" if c is None else f"exited with code {c.exit_code}")
-                       if c is None or not c.running else f"exited and was restarted {c.restarts} time(s)")
+            if c is None:
+                why = "is not running"
+            elif not c.running:
+                why = f"exited with code {c.exit_code}"
+            elif it.started and c.restarts > 0:
+                why = f"exited and was restarted {c.restarts} time(s)"
+            else:
+                why = ""
+            if why or c is None:
                 logs = self.runtime.logs(it.target) if c else ""
                 self.runtime.remove(it.target)
                 msg = f"sidecar {it.target} {why}" + (f": {logs[-400:]}" if logs else "")

@@ -29,7 +29,7 @@ from typing import Any
 
 from .config import ChannelConfig, Config
 from .errors import BadRequest, ConfigError, NotFound, PolicyDenied
-from .request import SIGNALS, Request
+from .request import SIGNALS, Request, has_control_char
 from .sidecar import SidecarSpec, sidecar_name
 
 NS_GET_NSTYPE = 0xB703  # ioctl on an nsfs file: which kind of namespace it is
@@ -120,7 +120,7 @@ def check_path(value: str, data_dirs: tuple[str, ...], option: str = "path", all
     through would resolve inside the container, never on the host.
     """
     # DENY: control characters (a NUL would also make realpath() raise instead of refusing).
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+    if has_control_char(value):
         raise PolicyDenied(f"{option}: path contains a control character")
     # DENY: relative paths and '..' would be resolved against whatever the sidecar's cwd is.
     if not value.startswith("/") or os.path.normpath(value) != value or "//" in value:

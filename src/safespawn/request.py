@@ -189,13 +189,18 @@ def _str_field(d: dict[str, Any], key: str, pattern: re.Pattern[str], what: str)
     return v
 
 
+def has_control_char(text: str) -> bool:
+    """Newline, NUL, escape and the rest of C0, and DEL."""
+    return any(ord(c) < 0x20 or ord(c) == 0x7F for c in text)
+
+
 def _check_arg(i: int, a: Any) -> str:
     if not isinstance(a, str):
         raise BadRequest(f"argv[{i}] is not a string")
     if len(a) > MAX_ARG_LEN:
         raise BadRequest(f"argv[{i}] is longer than {MAX_ARG_LEN} characters")
     # DENY: control characters (newline, NUL, escape) can smuggle extra lines into configs and logs.
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in a):
+    if has_control_char(a):
         raise BadRequest(f"argv[{i}] contains a control character")
     return a
 
