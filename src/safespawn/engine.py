@@ -488,10 +488,18 @@ class Engine:
         sidecars = []
         for d in sorted(state.desired.values(), key=lambda d: d.name):
             c = listing.get(d.name)
+            running = c is not None and c.running
             sidecars.append({
                 "name": d.name, "profile": d.profile, "netns": d.netns,
-                "state": c.state if c else "absent", "pid": c.pid if c and c.running else None,
+                "key": d.name[len(name) + len(d.profile) + 2:],
+                "state": c.state if c else "absent", "pid": c.pid if c and running else None,
                 "started": int(d.since), "restarts": d.failures,
+                # Changes whenever the running process is replaced (a new container, a runtime
+                # restart, a broker respawn): what an agent compares to see a restart.
+                "generation": f"{c.id[:12]}-{c.started}-{c.pid}" if c and running else None,
+                "process_started": c.started if c and running else None,
             })
-        return {"v": 1, "channel": name, "updated": int(time.time()), "sidecars": sidecars}
+        # `refresh`: the host republishes at least this often; an older status is stale.
+        return {"v": 1, "channel": name, "updated": int(time.time()), "published": round(time.time(), 3),
+                "refresh": int(self.config.broker.reconcile_interval), "sidecars": sidecars}
 

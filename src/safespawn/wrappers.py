@@ -8,7 +8,9 @@ writes into the directory:
   ``neutron-keepalived-state-change``): put the directory ahead of the real binaries in the agent's
   PATH, and ``ip netns exec NS dnsmasq ARGS`` becomes a start request on the channel;
 - one kill script per Neutron service (``dnsmasq-kill``, ...): point ``[AGENT] kill_scripts_path`` at
-  the directory, and ``dnsmasq-kill HUP PID`` becomes a signal request.
+  the directory, and ``dnsmasq-kill HUP PID`` becomes a signal request;
+- ``safespawn-neutron`` with ``safespawn_neutron.py`` and ``safespawn-neutron.d/``: the launcher that
+  runs an agent with safespawn's ProcessManager class instead (see :mod:`safespawn.launcher`).
 
 Every file is tiny and generated from the channel directory alone; running the command again
 rewrites the same bytes (idempotent). The scripts run inside the agent image, never on the host.
@@ -24,6 +26,7 @@ from importlib import resources
 
 from .config import BrokerConfig, load_config
 from .errors import ConfigError, ExitCode
+from .launcher import HOOK_DIR, launcher_files
 
 CLIENT_MODULE = "safespawn_client"
 # The program names Neutron 29 executes, and the profile each one asks for.
@@ -112,6 +115,8 @@ def install(target: str, channel: str, channel_dir: str, python: str = DEFAULT_P
         files[name] = (render_wrapper(profile, channel, channel_dir, python), 0o755)
     for name, profile in KILL_SCRIPTS.items():
         files[name] = (render_kill_script(profile, channel, channel_dir, python), 0o755)
+    files.update(launcher_files(channel, channel_dir, python))  # safespawn-neutron and its class
+    os.makedirs(os.path.join(target, HOOK_DIR), mode=0o755, exist_ok=True)
     for name, (text, mode) in files.items():
         if _write(os.path.join(target, name), text, mode):
             changed.append(name)
