@@ -91,6 +91,7 @@ class Snapshot(NamedTuple):
     updated: float
     refresh: int
     sidecars: Tuple[SidecarStatus, ...]
+    published: float = 0.0  # sub-second publish time (falls back to `updated`)
 
 
 def _is_int(v: Any) -> bool:
@@ -118,6 +119,9 @@ def parse_status(raw: bytes, where: str = "") -> Snapshot:
     refresh = doc.get("refresh", DEFAULT_REFRESH)
     if not _is_int(refresh) or refresh <= 0:
         raise StatusError("malformed status %s: 'refresh' is not a positive integer" % where)
+    published = doc.get("published", updated)
+    if not (_is_int(published) or isinstance(published, float)) or published != published:
+        raise StatusError("malformed status %s: 'published' is not a number" % where)
     entries = doc.get("sidecars")
     if not isinstance(entries, list):
         raise StatusError("malformed status %s: 'sidecars' is not a list" % where)
@@ -134,7 +138,7 @@ def parse_status(raw: bytes, where: str = "") -> Snapshot:
         sidecars.append(SidecarStatus(entry["name"], entry["profile"], _opt_str(entry, "netns", where),
                                       _opt_str(entry, "key", where), entry["state"], pid,
                                       _opt_str(entry, "generation", where)))
-    return Snapshot(float(updated), int(refresh), tuple(sidecars))  # type: ignore[arg-type]
+    return Snapshot(float(updated), int(refresh), tuple(sidecars), float(published))  # type: ignore[arg-type]
 
 
 class ChannelStatus:
@@ -153,6 +157,8 @@ class ChannelStatus:
         self._sig = None  # type: Optional[Tuple[int, int, int, int]]
         self._cached = None  # type: Optional[Snapshot]
         self._cached_error = None  # type: Optional[StatusError]
+        # What this process's own requests just did, until the host publishes a status after them.
+        self._expected = {}  # type: Dict[Tuple[str, Optional[str]], Tuple[Optional[SidecarStatus], float]]
 
     def _load(self) -> Snapshot:
         try:
@@ -224,10 +230,31 @@ class ChannelStatus:
                               "%ds; is its safespawn broker running?" % (self.path, now - snap.updated, snap.refresh))
         return snap
 
+    def expect(self, profile: str, netns: Optional[str], sidecar: Optional[SidecarStatus], since: float) -> None:
+        """Our request, written at `since`, was answered: until a status published after `since` says
+        otherwise, the sidecar is `sidecar` (running with the reply's pid) or gone (None).
+
+        The host writes the reply and then the status in the same sync, so this only covers that
+        gap: Neutron's callers (ra.DaemonMonitor, KeepalivedManager.spawn) read `active` right after
+        enable() returns, as they read the pid file a daemonizing program has written.
+        """
+        with self._lock:
+            self._expected[(profile, netns)] = (sidecar, since)
+
     def find(self, profile: str, netns_candidates: List[Optional[str]]) -> Optional[SidecarStatus]:
         """The channel's sidecar of `profile` in the first of the namespaces that has one."""
-        by_netns = {s.netns: s for s in self.snapshot().sidecars if s.profile == profile}
+        snap = self.snapshot()
+        by_netns = {s.netns: s for s in snap.sidecars if s.profile == profile}
         for ns in netns_candidates:
+            with self._lock:
+                expected = self._expected.get((profile, ns))
+                if expected is not None and snap.published >= expected[1]:
+                    del self._expected[(profile, ns)]  # the host has published since: it knows best
+                    expected = None
+            if expected is not None:
+                if expected[0] is not None:
+                    return expected[0]
+                continue
             if ns in by_netns:
                 return by_netns[ns]
         return None
@@ -393,6 +420,7 @@ def _build_class() -> Any:
             netns = self.namespace
             if profile in client.NETNS_OPTIONS:
                 netns = client.option_value(args, client.NETNS_OPTIONS[profile]) or netns
+            since = time.time()
             reply = self._ask(client.start_request(profile, args, netns=netns))
             if not reply.get("ok"):
                 raise n_exc.ProcessExecutionError("%s: refused by safespawn: %s"
@@ -400,6 +428,10 @@ def _build_class() -> Any:
                                                   returncode=client.EXIT_FAILED)
             if self.profile is None:
                 self.profile = profile
+            pid = reply.get("pid")
+            if isinstance(pid, int) and not isinstance(pid, bool) and pid > 1:
+                self.channel_status.expect(profile, netns, SidecarStatus(
+                    str(reply.get("sidecar")), profile, netns, netns, "running", pid, None), since)
             log.debug("%s for %s runs as sidecar %s (host pid %s)", profile, self.uuid, reply.get("sidecar"),
                       reply.get("pid"))
             return reply
@@ -408,8 +440,11 @@ def _build_class() -> Any:
             s = self.sidecar()
             if s is None or self.profile is None:
                 return
+            since = time.time()
             reply = self._ask(client.signal_request(str(sig), profile=self.profile, netns=s.netns))
             if reply.get("ok"):
+                if str(sig).upper().lstrip("SIG") in ("15", "9", "TERM", "KILL"):
+                    self.channel_status.expect(self.profile, s.netns, None, since)  # stopped and removed
                 return
             if (reply.get("error") or {}).get("code") == "not_found":
                 log.debug("%s for %s was gone when signal %s was sent", self.service, self.uuid, sig)
