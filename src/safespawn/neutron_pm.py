@@ -231,8 +231,8 @@ class ChannelStatus:
         return snap
 
     def expect(self, profile: str, netns: Optional[str], sidecar: Optional[SidecarStatus], since: float) -> None:
-        """Our request, written at `since`, was answered: until a status published after `since` says
-        otherwise, the sidecar is `sidecar` (running with the reply's pid) or gone (None).
+        """Our request was answered at `since`: until the status agrees, or a status published after
+        `since` says otherwise, the sidecar is `sidecar` (running with the reply's pid) or gone (None).
 
         The host writes the reply and then the status in the same sync, so this only covers that
         gap: Neutron's callers (ra.DaemonMonitor, KeepalivedManager.spawn) read `active` right after
@@ -246,11 +246,16 @@ class ChannelStatus:
         snap = self.snapshot()
         by_netns = {s.netns: s for s in snap.sidecars if s.profile == profile}
         for ns in netns_candidates:
+            listed = by_netns.get(ns)
             with self._lock:
                 expected = self._expected.get((profile, ns))
-                if expected is not None and snap.published >= expected[1]:
-                    del self._expected[(profile, ns)]  # the host has published since: it knows best
-                    expected = None
+                if expected is not None:
+                    agrees = (listed is not None and listed.running) == (expected[0] is not None)
+                    if agrees or snap.published >= expected[1]:
+                        # The status shows what the reply said, or was published after the reply
+                        # arrived: from here on the host's word is the only one.
+                        del self._expected[(profile, ns)]
+                        expected = None
             if expected is not None:
                 if expected[0] is not None:
                     return expected[0]
@@ -420,8 +425,8 @@ def _build_class() -> Any:
             netns = self.namespace
             if profile in client.NETNS_OPTIONS:
                 netns = client.option_value(args, client.NETNS_OPTIONS[profile]) or netns
-            since = time.time()
             reply = self._ask(client.start_request(profile, args, netns=netns))
+            since = time.time()
             if not reply.get("ok"):
                 raise n_exc.ProcessExecutionError("%s: refused by safespawn: %s"
                                                   % (profile, client.describe_error(reply)),
@@ -440,8 +445,8 @@ def _build_class() -> Any:
             s = self.sidecar()
             if s is None or self.profile is None:
                 return
-            since = time.time()
             reply = self._ask(client.signal_request(str(sig), profile=self.profile, netns=s.netns))
+            since = time.time()
             if reply.get("ok"):
                 if str(sig).upper().lstrip("SIG") in ("15", "9", "TERM", "KILL"):
                     self.channel_status.expect(self.profile, s.netns, None, since)  # stopped and removed

@@ -155,7 +155,7 @@ def test_malformed_bytes_are_a_status_error(raw):
     status([dnsmasq(pid=1)]), status([dnsmasq(pid=-5)]), status([dnsmasq(pid=1 << 40)]), status([dnsmasq(pid=4.0)]),
     status([dnsmasq(state=1)]), status([dnsmasq(profile=None)]), status([dnsmasq(name=[])]),
     status([dnsmasq(netns=5)]), status([dnsmasq(key={})]), status([dnsmasq(generation=7)]),
-]) 
+])
 def test_wrong_types_are_a_status_error(doc):
     with pytest.raises(StatusError, match="malformed"):
         parse_status(json.dumps(doc).encode())
@@ -276,3 +276,14 @@ def test_own_stop_counts_until_the_host_publishes_after_it(channel):
     time.sleep(0.01)
     publish(channel, status(published=NOW))
     assert r.find("dnsmasq", ["qdhcp-1"]).running
+
+
+def test_a_status_from_before_the_reply_does_not_undo_it(channel):
+    """A sync that published without having seen our request (it ran between write and handling)."""
+    publish(channel, status(published=NOW + 0.2))  # still lists the sidecar we just stopped
+    r = reader(channel, now=NOW + 0.3)
+    r.expect("dnsmasq", "qdhcp-1", None, since=NOW + 0.5)  # the reply arrived after that publish
+    assert r.find("dnsmasq", ["qdhcp-1"]) is None
+    time.sleep(0.01)
+    publish(channel, status([], published=NOW + 0.6))
+    assert r.find("dnsmasq", ["qdhcp-1"]) is None
