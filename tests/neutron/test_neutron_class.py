@@ -112,7 +112,9 @@ def test_dnsmasq_through_the_class_lease_restart_reload_monitor_disable(lab):
         agent = new_agent(fresh=True)  # its own ProcessMonitor, stopped below
         agent("monitor_start", interval=CHECK_INTERVAL)
         r = agent("dhcp_start", ports=ports, **net)
-        assert r["active"] and r["generation"]
+        assert r["active"], "active as soon as enable() returns (the reply's word until the next status)"
+        r["generation"] = netlab.wait_for(lambda: agent("pm_generation", **pm)["generation"], timeout=15,
+                                          message="the host's status names the process")
         [c] = running(broker, "dnsmasq")
         assert c["Pid"] == r["pid"], "pid is the sidecar's host pid, from the host's status"
         assert c["Names"][0].endswith(pair.server_ns)
