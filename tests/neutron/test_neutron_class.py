@@ -109,7 +109,7 @@ def test_dnsmasq_through_the_class_lease_restart_reload_monitor_disable(lab):
         net = {"network_id": net_id, "subnet_id": sub_id, "cidr": str(pair.network), "interface": pair.server_if}
         pm = {"uuid": net_id, "namespace": pair.server_ns, "service": "dnsmasq"}
 
-        agent = new_agent(fresh=True)  # its own ProcessMonitor, stopped below
+        agent = new_agent()  # the module agent; its checking ProcessMonitor is stopped below
         agent("monitor_start", interval=CHECK_INTERVAL)
         r = agent("dhcp_start", ports=ports, **net)
         assert r["active"], "active as soon as enable() returns (the reply's word until the next status)"
