@@ -33,7 +33,11 @@ EXPECTED = {
 
 def test_install_writes_wrappers_kill_scripts_and_the_client(tmp_path: Path) -> None:
     changed = wrappers.install(str(tmp_path / "w"), "neutron-dhcp", "/var/lib/safespawn/channels/neutron-dhcp")
-    assert set(changed) == EXPECTED == {p.name for p in (tmp_path / "w").iterdir()}
+    # Plus safespawn-neutron, its hook and the ProcessManager class (tests/unit/test_neutron_pm.py).
+    launcher = {"safespawn-neutron", "safespawn_neutron.py", "safespawn-neutron.d/sitecustomize.py"}
+    assert set(changed) == EXPECTED | launcher
+    assert {p.name for p in (tmp_path / "w").iterdir()} == EXPECTED | {"safespawn-neutron", "safespawn_neutron.py",
+                                                                        "safespawn-neutron.d"}
     for name in EXPECTED - {"safespawn_client.py"}:
         p = tmp_path / "w" / name
         assert p.stat().st_mode & 0o777 == 0o755
@@ -82,7 +86,7 @@ def test_cli_install_takes_the_channel_dir_from_the_config_or_the_flag(tmp_path:
 
 def _generated(tmp_path: Path) -> list[Path]:
     wrappers.install(str(tmp_path), "ch", "/var/lib/safespawn/channels/ch")
-    return sorted(tmp_path.iterdir())
+    return sorted(p for p in tmp_path.rglob("*") if p.is_file())
 
 
 def test_client_and_generated_scripts_parse_as_python_3_9(tmp_path: Path) -> None:
