@@ -48,6 +48,13 @@ def monitor_stop(a):
     return {}
 
 
+def pm_state_neutron(a):
+    """What Neutron's own ProcessManager (the class the launcher replaced) would say."""
+    pm = external_process._safespawn_original(agent.CONF, a['uuid'], namespace=a.get('namespace'),
+                                              service=a['service'], pid_file=a.get('pid_file'))
+    return {'active': pm.active, 'pid': pm.pid}
+
+
 def pm_generation(a):
     pm = external_process.ProcessManager(agent.CONF, a['uuid'], namespace=a.get('namespace'),
                                          service=a['service'])
@@ -106,7 +113,7 @@ def ovn_metadata_destroy(a):
     return {'active': pm.active}
 
 
-agent.OPS.update({f.__name__: f for f in (is_class, channel_status, dhcp_start, monitor_start, monitor_events, monitor_stop, pm_generation,
+agent.OPS.update({f.__name__: f for f in (is_class, channel_status, pm_state_neutron, dhcp_start, monitor_start, monitor_events, monitor_stop, pm_generation,
                                           pm_active_cost, ovn_metadata_spawn, ovn_metadata_destroy)})
 
 if __name__ == '__main__':

@@ -19,6 +19,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -268,14 +269,21 @@ def test_radvd_slaac_through_the_class(lab):
         assert running(broker, "radvd") == []
 
 
-def test_the_class_needs_no_pid_file(lab):
-    """Neutron's class reads the pid file; this one ignores it: a planted or missing one changes nothing."""
+def test_the_class_does_not_trust_a_pid_file(lab):
+    """Neutron's class believes a pid file naming a live process whose command line holds the uuid;
+    this one asks the host's status only: no sidecar, not active, whatever the data dir says."""
     broker, _, new_agent = lab
     agent = new_agent()
     pm = {"uuid": str(uuid.uuid4()), "namespace": "qdhcp-" + str(uuid.uuid4()), "service": "dnsmasq"}
     pid_file = Path(broker.data_dir) / "external" / "pids" / f"{pm['uuid']}.pid.dnsmasq"
     pid_file.parent.mkdir(parents=True, exist_ok=True)
-    pid_file.write_text(f"{os.getpid()}\n")  # a live process whose cmdline has no uuid: Neutron says inactive
-    assert agent("pm_state", **pm)["active"] is False
-    pid_file.write_text("1\n")
-    assert agent("pm_state", **pm) == {"ok": True, "active": False, "pid": None, "cmdline": None}
+    decoy = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", pm["uuid"]])
+    try:
+        pid_file.write_text(f"{decoy.pid}\n")
+        assert pm["uuid"] in Path(f"/proc/{decoy.pid}/cmdline").read_text()
+        assert agent("pm_state_neutron", pid_file=str(pid_file), **pm)["active"] is True, "Neutron's is fooled"
+        assert agent("pm_state", pid_file=str(pid_file), **pm) == {"ok": True, "active": False, "pid": None,
+                                                                   "cmdline": None}
+    finally:
+        decoy.kill()
+        decoy.wait()
