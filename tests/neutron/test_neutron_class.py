@@ -31,6 +31,8 @@ from support.broker import REPO, Broker
 from support.netlab import NetnsPair
 from support.neutron_process import NEUTRON_TESTS, AgentProcess
 
+from safespawn import client
+
 pytestmark = [pytest.mark.integration, pytest.mark.neutron]
 L3_IMAGE = "localhost/safespawn-test-l3:latest"
 CLASS_AGENT = NEUTRON_TESTS / "neutron_class_agent.py"
@@ -146,6 +148,21 @@ def test_dnsmasq_through_the_class_lease_restart_reload_monitor_disable(lab):
                         timeout=RESPAWN_BOUND, interval=0.2, message="the killed sidecar runs again")
         print(f"respawned after {time.monotonic() - t0:.1f}s (bound {RESPAWN_BOUND}s); ProcessMonitor respawns: "
               f"{len(agent('monitor_events')['respawns'])}")
+        assert len(running(broker, "dnsmasq")) == 1
+        assert netlab.dhcp_lease(pair.client_ns, pair.client_if)["ip"] == pair.host(50)
+
+        # Stopped for good on the host (an operator's stop request): the host will not bring it back,
+        # the status lists it no more, and Neutron's ProcessMonitor respawns it through the class.
+        gone = agent("pm_generation", **pm)["generation"]
+        n_respawns = len(agent("monitor_events")["respawns"])  # after the kill above: 0 or 1, whoever was first
+        reply = client.submit(str(broker.channel_dir()), client.stop_request("dnsmasq", netns=pair.server_ns))
+        assert reply["ok"], reply
+        t0 = time.monotonic()
+        netlab.wait_for(lambda: len(agent("monitor_events")["respawns"]) > n_respawns and
+                        (g := agent("pm_generation", **pm))["active"] and g["generation"] not in (None, gone),
+                        timeout=RESPAWN_BOUND, interval=0.2, message="ProcessMonitor respawned the stopped sidecar")
+        print(f"ProcessMonitor respawned it after {time.monotonic() - t0:.1f}s (bound {RESPAWN_BOUND}s)")
+        assert {e["uuid"] for e in agent("monitor_events")["respawns"]} == {net_id}
         assert len(running(broker, "dnsmasq")) == 1
         assert netlab.dhcp_lease(pair.client_ns, pair.client_if)["ip"] == pair.host(50)
         agent("monitor_stop")
