@@ -362,6 +362,7 @@ def _build_class() -> Any:
             self.channel_status = channel_status(channel_dir)
             self.profile = profile_for(service, pid_file)
             self._last_warning = None  # type: Optional[str]
+            self.status_unknown = False  # the last look at the status failed (StatusError)
 
         # -- what the host publishes ---------------------------------------------------------
         def sidecar(self) -> Optional[SidecarStatus]:
@@ -372,12 +373,14 @@ def _build_class() -> Any:
                 s = self.channel_status.find(self.profile, netns_candidates(self.profile, self.uuid,
                                                                             self.namespace))
             except StatusError as e:
+                self.status_unknown = True
                 msg = str(e)
                 if msg != self._last_warning:  # once per distinct problem, not every check interval
                     log.warning("%s for %s: %s", self.service, self.uuid, msg)
                     self._last_warning = msg
                 return None
             self._last_warning = None
+            self.status_unknown = False
             return s
 
         @property
@@ -443,13 +446,16 @@ def _build_class() -> Any:
 
         def _signal(self, sig: str) -> None:
             s = self.sidecar()
-            if s is None or self.profile is None:
+            if self.profile is None or (s is None and not self.status_unknown):
                 return
-            reply = self._ask(client.signal_request(str(sig), profile=self.profile, netns=s.netns))
+            # Without a readable status, name the sidecar by where it would run: the host answers
+            # not_found if there is none.
+            netns = s.netns if s is not None else netns_candidates(self.profile, self.uuid, self.namespace)[0]
+            reply = self._ask(client.signal_request(str(sig), profile=self.profile, netns=netns))
             since = time.time()
             if reply.get("ok"):
                 if str(sig).upper().lstrip("SIG") in ("15", "9", "TERM", "KILL"):
-                    self.channel_status.expect(self.profile, s.netns, None, since)  # stopped and removed
+                    self.channel_status.expect(self.profile, netns, None, since)  # stopped and removed
                 return
             if (reply.get("error") or {}).get("code") == "not_found":
                 log.debug("%s for %s was gone when signal %s was sent", self.service, self.uuid, sig)
@@ -487,7 +493,8 @@ def _build_class() -> Any:
 
         def disable(self, sig: str = "9", get_stop_command: Any = None, delete_pid_file: bool = True) -> None:
             delete_pid_file = delete_pid_file or str(sig) == "9"
-            if self.active:
+            # A stop must not depend on the status being readable: when it is not, ask anyway.
+            if self.active or (self.status_unknown and not get_stop_command):
                 if get_stop_command:
                     # An operator's own stop command, run as Neutron would run it.
                     self._kill_process(get_stop_command(self.get_pid_file_name()), self.pid)
