@@ -86,7 +86,9 @@ class AgentContainer:
                 f"--volume={broker.data_dir}:{broker.data_dir}:rw",
                 f"--volume={wrappers}:{wrappers}:ro",
                 f"--volume={NEUTRON_TESTS}:{NEUTRON_TESTS}:ro",
-                "--volume=/usr:/usr:ro", f"--volume={venv}:{venv}:ro", f"--volume={base}:{base}:ro"]
+                "--volume=/usr:/usr:ro", f"--volume={venv}:{venv}:ro"]
+        if not base.is_relative_to("/usr"):  # e.g. a pyenv build; Debian's python3 is in /usr already
+            argv.append(f"--volume={base}:{base}:ro")
         argv += [f"--cap-add={c}" for c in caps]
         if pid_host:
             argv.append("--pid=host")
