@@ -9,6 +9,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 from support.broker import TEST_IMAGE, Broker  # noqa: E402
+from support.dockerd import PrivateDockerd  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -25,19 +26,45 @@ def test_image() -> str:
     return TEST_IMAGE
 
 
+@pytest.fixture(scope="session")
+def dockerd(test_image, tmp_path_factory):
+    """One private dockerd for the session (tests/support/dockerd.py), with safespawn's OCI runtime
+    registered and the test image loaded; stopped at the end. Never the machine's own daemon."""
+    oci_runtime = Path(sys.executable).with_name("safespawn-oci-runtime")
+    assert oci_runtime.exists(), f"{oci_runtime} is missing: pip install -e . in the venv"
+    with PrivateDockerd.start(oci_runtime=str(oci_runtime)) as d:
+        d.load_image(test_image)
+        yield d
+
+
 @pytest.fixture
-def broker(tmp_path, test_image):
+def broker_runtime() -> str:
+    """The runtime the `broker` and `make_broker` fixtures use. A test module overrides this fixture
+    with "docker" to run the same specification through a real dockerd (tests/integration/test_docker.py)."""
+    return "podman"
+
+
+def _runtime_kw(request, broker_runtime: str) -> dict:
+    return {"dockerd": request.getfixturevalue("dockerd")} if broker_runtime == "docker" else {}
+
+
+@pytest.fixture
+def broker(tmp_path, test_image, request, broker_runtime):
     """A real broker with one dnsmasq channel; its sidecars are removed afterwards."""
-    with Broker.make(tmp_path / "broker", profiles=["dnsmasq"], image=test_image) as b:
+    with Broker.make(tmp_path / "broker", profiles=["dnsmasq"], image=test_image,
+                     **_runtime_kw(request, broker_runtime)) as b:
         yield b
 
 
 @pytest.fixture
-def make_broker(tmp_path, test_image):
+def make_broker(tmp_path, test_image, request, broker_runtime):
     made = []
+    runtime_kw = _runtime_kw(request, broker_runtime)
 
     def make(**kw):
         kw.setdefault("image", test_image)
+        for k, v in runtime_kw.items():
+            kw.setdefault(k, v)
         b = Broker.make(tmp_path / f"broker{len(made)}", **kw)
         made.append(b)
         return b

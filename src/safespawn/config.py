@@ -5,6 +5,7 @@ The host decides everything that matters; a request only chooses among what is c
     [broker]
     channels_dir = "/var/lib/safespawn/channels"
     state_dir = "/var/lib/safespawn/state"
+    runtime = "podman"            # or "docker" (with docker, docker_host, docker_oci_runtime)
 
     [channels.neutron-dhcp]
     image = "localhost/example:latest"
@@ -26,6 +27,9 @@ from .errors import ConfigError
 
 DEFAULT_CONFIG = "/etc/safespawn/safespawn.toml"
 CHANNEL_RE = re.compile(r"[a-z][a-z0-9-]{0,30}")
+RUNTIMES = ("podman", "docker")
+DOCKER_HOST_RE = re.compile(r"(unix|tcp|ssh|fd)://[^\s]{1,255}")
+OCI_RUNTIME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 IMAGE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}")
 
 
@@ -50,11 +54,18 @@ class BrokerConfig:
     state_dir: Path = Path("/var/lib/safespawn/state")
     profiles_dir: Path = Path("/etc/safespawn/profiles")
     netns_dir: Path = Path("/run/netns")
+    # Which container runtime runs the sidecars: "podman" or "docker" (runtime/docker.py).
+    runtime: str = "podman"
     podman: str = "podman"
+    docker: str = "docker"
+    # The daemon the docker CLI talks to (DOCKER_HOST); empty: the CLI's own default.
+    docker_host: str = ""
+    # The name under which safespawn-oci-runtime is registered with that dockerd.
+    docker_oci_runtime: str = "safespawn"
     parallel_starts: int = 4
     reply_ttl: int = 600
     reconcile_interval: int = 60
-    podman_timeout: int = 60
+    podman_timeout: int = 60  # seconds per runtime CLI call (podman or docker)
     # After starting containers, wait this long before checking they still run: a program that
     # rejects its configuration exits within milliseconds, and the agent should hear why.
     start_settle_ms: int = 200
@@ -142,13 +153,23 @@ def parse_config(data: dict[str, Any], path: Path | None = None) -> Config:
         profiles_dir=Path(_abs_dir(_take(b, "profiles_dir", str, where, "/etc/safespawn/profiles"),
                                    "broker.profiles_dir")),
         netns_dir=Path(_abs_dir(_take(b, "netns_dir", str, where, "/run/netns"), "broker.netns_dir")),
+        runtime=_take(b, "runtime", str, where, "podman"),
         podman=_take(b, "podman", str, where, "podman"),
+        docker=_take(b, "docker", str, where, "docker"),
+        docker_host=_take(b, "docker_host", str, where, ""),
+        docker_oci_runtime=_take(b, "docker_oci_runtime", str, where, "safespawn"),
         parallel_starts=_positive(_take(b, "parallel_starts", int, where, 4), "broker.parallel_starts"),
         reply_ttl=_positive(_take(b, "reply_ttl", int, where, 600), "broker.reply_ttl"),
         reconcile_interval=_positive(_take(b, "reconcile_interval", int, where, 60), "broker.reconcile_interval"),
         podman_timeout=_positive(_take(b, "podman_timeout", int, where, 60), "broker.podman_timeout"),
         start_settle_ms=_take(b, "start_settle_ms", int, where, 200),
     )
+    if broker.runtime not in RUNTIMES:
+        raise ConfigError(f"broker.runtime: {broker.runtime[:40]!r} is not one of {', '.join(RUNTIMES)}")
+    if broker.docker_host and not DOCKER_HOST_RE.fullmatch(broker.docker_host):
+        raise ConfigError("broker.docker_host: expected unix:///PATH, tcp://HOST:PORT, ssh://... or fd://")
+    if not OCI_RUNTIME_RE.fullmatch(broker.docker_oci_runtime):
+        raise ConfigError("broker.docker_oci_runtime: letters, digits, '_', '.', '-' (max 64)")
     if b:
         raise ConfigError(f"broker: unknown keys {', '.join(sorted(b))}")
     channels_t = data.pop("channels", {})

@@ -31,7 +31,7 @@ from .errors import BadRequest, ErrorCode, Interrupted, NotFound, QuotaExceeded,
 from .inbox import ChannelDir, ChannelUnsafe, Entry
 from .policy import Policy, host_netns_ids
 from .request import Reply, Request, parse_request
-from .runtime import Container, PodmanRuntime, Runtime
+from .runtime import Container, Runtime, make_runtime
 from .sidecar import LABEL_PROFILE, SidecarSpec
 from .state import ChannelState, DesiredSidecar
 
@@ -72,7 +72,7 @@ class Engine:
     def __init__(self, config: Config, runtime: Runtime | None = None, policy: Policy | None = None) -> None:
         self.config = config
         b = config.broker
-        self.runtime: Runtime = runtime or PodmanRuntime(b.podman, b.podman_timeout)
+        self.runtime: Runtime = runtime or make_runtime(b)
         self.policy = policy or Policy(config)
         self.host_ns = host_netns_ids()
 

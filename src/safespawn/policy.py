@@ -316,6 +316,46 @@ def host_netns_ids() -> frozenset[tuple[int, int]]:
     return frozenset(i for i in (_ns_id("/proc/1/ns/net"), _ns_id("/proc/self/ns/net")) if i)
 
 
+def open_netns(netns_dir: str, netns: str, host_ns: Iterable[tuple[int, int]]) -> int:
+    """Open the named netns under `netns_dir` and return the fd, after checking it is one to join.
+
+    The caller has already matched `netns` against a profile's pattern. Used by the policy for
+    every request, and by the OCI runtime (ociruntime.py) again at the moment Docker creates the
+    container, so that both sides apply the very same checks.
+    """
+    # DENY: a name that is a path: only a plain entry of the netns folder may be joined.
+    if not netns or "/" in netns or netns in (".", "..") or has_control_char(netns):
+        raise PolicyDenied(f"netns {netns[:80]!r} is not a plain name")
+    path = os.path.join(netns_dir, netns)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise BadRequest(f"netns {netns!r} does not exist") from None
+    # DENY: a symlink could point at /proc/1/ns/net or any file on the host.
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISREG(st.st_mode):
+        raise PolicyDenied(f"netns {netns!r} is not a network namespace mount")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise PolicyDenied(f"netns {netns!r} cannot be opened: {e.strerror}") from None
+    try:
+        fst = os.fstat(fd)
+        try:
+            nstype = fcntl.ioctl(fd, NS_GET_NSTYPE)
+        except OSError:
+            # DENY: a plain file under /run/netns is not a namespace.
+            raise PolicyDenied(f"netns {netns!r} is not a namespace") from None
+        if nstype != CLONE_NEWNET:
+            raise PolicyDenied(f"netns {netns!r} is not a network namespace")
+        # DENY: the host's own network namespace bind-mounted under an allowed name.
+        if (fst.st_dev, fst.st_ino) in frozenset(host_ns):
+            raise PolicyDenied(f"netns {netns!r} is the host's own network namespace")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 @dataclass(frozen=True)
 class SignalDecision:
     signal: str
@@ -355,33 +395,8 @@ class Policy:
         # DENY: a name outside the pattern could be another service's namespace.
         if not profile.netns_pattern.fullmatch(netns):
             raise PolicyDenied(f"netns {netns[:80]!r} does not match the {profile.name} profile's pattern")
-        path = os.path.join(self.netns_dir, netns)
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            raise BadRequest(f"netns {netns!r} does not exist") from None
-        # DENY: a symlink could point at /proc/1/ns/net or any file on the host.
-        if stat.S_ISLNK(st.st_mode) or not stat.S_ISREG(st.st_mode):
-            raise PolicyDenied(f"netns {netns!r} is not a network namespace mount")
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError as e:
-            raise PolicyDenied(f"netns {netns!r} cannot be opened: {e.strerror}") from None
-        try:
-            fst = os.fstat(fd)
-            try:
-                nstype = fcntl.ioctl(fd, NS_GET_NSTYPE)
-            except OSError:
-                # DENY: a plain file under /run/netns is not a namespace.
-                raise PolicyDenied(f"netns {netns!r} is not a namespace") from None
-        finally:
-            os.close(fd)
-        if nstype != CLONE_NEWNET:
-            raise PolicyDenied(f"netns {netns!r} is not a network namespace")
-        # DENY: the host's own network namespace bind-mounted under an allowed name.
-        if (fst.st_dev, fst.st_ino) in self.host_ns:
-            raise PolicyDenied(f"netns {netns!r} is the host's own network namespace")
-        return path
+        os.close(open_netns(self.netns_dir, netns, self.host_ns))
+        return os.path.join(self.netns_dir, netns)
 
     def sidecar_key(self, profile: Profile, request: Request, seen: dict[str, list[str]]) -> str:
         if request.netns is not None:

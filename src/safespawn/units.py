@@ -468,9 +468,9 @@ def _activate(channels: list[str], changed: set[str], scope: str, report: Report
 
 
 def _stop_sidecars(cfg: Config, channel: str, report: Report) -> int:
-    from .runtime import PodmanRuntime
+    from .runtime import make_runtime
 
-    runtime = PodmanRuntime(cfg.broker.podman, cfg.broker.podman_timeout)
+    runtime = make_runtime(cfg.broker)
     containers = runtime.list(channel)
     if not containers or not report.change(f"stop {len(containers)} sidecar(s) of channel {channel}"):
         return 0
@@ -549,9 +549,9 @@ def uninstall(cfg: Config, *, scope: str | None, unit_dir: Path | None, stop_sid
             failed += _stop_sidecars(cfg, ch, report)
         else:
             try:
-                from .runtime import PodmanRuntime
+                from .runtime import make_runtime
 
-                n = len(PodmanRuntime(b.podman, b.podman_timeout).list(ch))
+                n = len(make_runtime(b).list(ch))
             except RuntimeFailed:
                 n = 0
             if n:

@@ -20,12 +20,15 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from safespawn import client
 from safespawn.config import load_config
 from safespawn.engine import Engine
 from safespawn.inbox import create_channel_dirs
+
+if TYPE_CHECKING:
+    from support.dockerd import PrivateDockerd
 
 TEST_IMAGE = os.environ.get("SAFESPAWN_TEST_IMAGE", "localhost/safespawn-test:latest")
 REPO = Path(__file__).resolve().parents[2]
@@ -42,17 +45,22 @@ class Broker:
     config_path: Path
     data_dir: Path
     extra_channels: list[str] = field(default_factory=list)
+    dockerd: PrivateDockerd | None = None  # set: the broker runs its sidecars with this Docker daemon
     _engine: Engine | None = None
     _watch: subprocess.Popen[bytes] | None = None
 
     @classmethod
     def make(cls, root: Path, profiles: list[str] | None = None, channels: int = 1, image: str = TEST_IMAGE,
-             extra: str = "", broker_extra: str = "") -> Broker:
+             extra: str = "", broker_extra: str = "", dockerd: PrivateDockerd | None = None) -> Broker:
         root.mkdir(parents=True, exist_ok=True)
         data = root / "data"
         data.mkdir(exist_ok=True)
         names = [unique_channel() for _ in range(channels)]
         profs = json.dumps(profiles or ["dnsmasq"])
+        if dockerd is not None:
+            from support.dockerd import DOCKER
+
+            broker_extra = f'runtime = "docker"\ndocker = "{DOCKER}"\ndocker_host = "{dockerd.host}"\n{broker_extra}'
         text = (f'[broker]\nchannels_dir = "{root}/channels"\nstate_dir = "{root}/state"\n'
                 f'profiles_dir = "{root}/profiles"\n{broker_extra}\n')
         for n in names:
@@ -61,7 +69,7 @@ class Broker:
         cfg.write_text(text)
         for n in names:
             create_channel_dirs(str(root / "channels" / n))
-        return cls(root, names[0], cfg, data, names[1:])
+        return cls(root, names[0], cfg, data, names[1:], dockerd)
 
     # -- the host side -------------------------------------------------------------------------
     @property
@@ -147,6 +155,9 @@ class Broker:
 
     # -- podman --------------------------------------------------------------------------------
     def containers(self, channel: str | None = None) -> list[dict[str, Any]]:
+        """The channel's containers as `podman ps --format json` shows them (Id, Names, State, Pid)."""
+        if self.dockerd is not None:
+            return self.dockerd.ps(f"safespawn.channel={channel or self.channel}")
         out = subprocess.run(["podman", "ps", "-a", "--format", "json", "--filter",
                               f"label=safespawn.channel={channel or self.channel}"],
                              capture_output=True, text=True, timeout=60, check=True).stdout
@@ -155,6 +166,9 @@ class Broker:
     def cleanup(self) -> None:
         self.stop_watch()
         for ch in [self.channel, *self.extra_channels]:
+            if self.dockerd is not None:
+                self.dockerd.rm_by_label(f"safespawn.channel={ch}")
+                continue
             ids = [c["Id"] for c in self.containers(ch)]
             if ids:
                 subprocess.run(["podman", "rm", "-f", "-t", "0", *ids], capture_output=True, timeout=120,
