@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from typing import Any, NoReturn
 
@@ -39,6 +40,7 @@ VALUED_GLOBALS = frozenset({"--root", "--log", "--log-format", "--criu", "--root
 BIND_HARDENING = ("nosuid", "nodev", "noexec")
 MAX_CONFIG_BYTES = 4 << 20
 EXIT_REFUSED = 3
+PROFILE_NAME_RE = re.compile(r"[a-z][a-z0-9-]{0,63}")
 
 
 class Refused(Exception):
@@ -90,7 +92,7 @@ def _env_values(env: list[Any], key: str) -> list[str]:
 def netns_fd(config: dict[str, Any]) -> int | None:
     """The checked, open netns the container names, or None if it names none."""
     from .config import BrokerConfig, config_path, load_config
-    from .errors import SafespawnError
+    from .errors import ConfigError, SafespawnError
     from .policy import host_netns_ids, load_profile, open_netns
 
     process = config.get("process")
@@ -103,6 +105,9 @@ def netns_fd(config: dict[str, Any]) -> int | None:
     if len(names) != 1 or len(profiles) != 1:
         raise Refused(f"{ENV_NETNS} and {ENV_PROFILE} must each be given once")
     netns, profile_name = names[0], profiles[0]
+    # DENY: a profile "name" that is a path would load a file of its choosing as the profile.
+    if not PROFILE_NAME_RE.fullmatch(profile_name):
+        raise Refused(f"{ENV_PROFILE} {profile_name[:40]!r} is not a profile name")
     try:
         broker = load_config().broker if config_path().exists() else BrokerConfig()
         profile = load_profile(profile_name, broker.profiles_dir)
@@ -113,6 +118,8 @@ def netns_fd(config: dict[str, Any]) -> int | None:
         return open_netns(str(broker.netns_dir), netns, host_netns_ids())
     except SafespawnError as e:
         raise Refused(e.message) from None
+    except ConfigError as e:
+        raise Refused(str(e)) from None
 
 
 def rewrite(config: dict[str, Any], fd: int | None, pid: int) -> dict[str, Any]:
