@@ -45,6 +45,8 @@ def run_argv(spec: SidecarSpec, docker: str = "docker", oci_runtime: str = DEFAU
         argv += [f"--env={ENV_NETNS}={spec.netns}", f"--env={ENV_PROFILE}={spec.profile}"]
     argv += ["--cap-drop=ALL"] + [f"--cap-add={c}" for c in spec.capabilities]
     argv += ["--security-opt=no-new-privileges"]
+    # Docker's default on cgroup v1 hosts is the host's cgroup namespace; podman's is private.
+    argv.append("--cgroupns=private")
     if spec.pid_host:
         argv.append("--pid=host")
     if spec.read_only:
