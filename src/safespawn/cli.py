@@ -7,7 +7,6 @@ import importlib
 import json
 import logging
 import os
-import shutil
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -129,17 +128,22 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace, cfg: Config) -> int:
     from .policy import Policy
+    from .runtime.checks import static_checks
 
     Policy(cfg)  # loads and validates every profile the channels name
     for ch in cfg.channels.values():
         print(f"channel {ch.name}: image {ch.image}, profiles {', '.join(ch.profiles)}, "
               f"data dirs {', '.join(ch.data_dirs) or '-'}")
-    print(f"{cfg.path}: OK")
+    failed = [c for c in static_checks(cfg) if not c.ok]
+    for c in failed:
+        print(f"{cfg.path}: {c.what}: {c.fix}", file=sys.stderr)
+    if failed:
+        return ExitCode.FAILED
+    print(f"{cfg.path}: OK (runtime {cfg.broker.runtime}; `safespawn doctor` checks that it works)")
     return ExitCode.OK
 
 
 def cmd_doctor(args: argparse.Namespace, cfg: Config) -> int:
-    import subprocess
 
     problems = 0
 
@@ -148,22 +152,16 @@ def cmd_doctor(args: argparse.Namespace, cfg: Config) -> int:
         print(("ok   " if ok else "FAIL ") + what + ("" if ok else f"\n     -> {fix}"))
         problems += 0 if ok else 1
 
-    podman = shutil.which(cfg.broker.podman)
-    check(podman is not None, f"podman found ({podman})", "install podman")
-    if podman:
-        p = subprocess.run([podman, "info", "--format=json"], capture_output=True, text=True, timeout=60,
-                           check=False)
-        check(p.returncode == 0, "podman info works", p.stderr.strip()[-300:])
+    from .runtime.checks import live_checks
+
+    for c in live_checks(cfg):
+        check(c.ok, c.what, c.fix)
     check(os.path.isdir(cfg.broker.netns_dir), f"{cfg.broker.netns_dir} exists", "ip netns add creates it")
     for ch in cfg.channels.values():
         base = cfg.broker.channels_dir / ch.name
         for sub in ("inbox/new", "inbox/tmp", "outbox/replies"):
             p2 = base / sub
             check(p2.is_dir() and not p2.is_symlink(), f"{p2} is a directory", "run `safespawn install`")
-        if podman:
-            q = subprocess.run([podman, "image", "exists", ch.image], capture_output=True, timeout=60, check=False)
-            check(q.returncode == 0, f"image {ch.image} present (channel {ch.name})",
-                  f"podman pull or load {ch.image}: sidecars run with --pull=never")
         try:
             with ChannelState.locked(str(cfg.broker.state_dir), ch.name, wait=False):
                 pass

@@ -285,3 +285,31 @@ def test_without_the_netns_value_a_docker_sidecar_stays_in_a_fresh_empty_netns(d
         assert (got.st_dev, got.st_ino) != (host.st_dev, host.st_ino)
     finally:
         dockerd.docker("rm", "-f", name, check=False)
+
+
+# -- check-config and doctor ---------------------------------------------------------------------------
+
+def test_doctor_proves_the_netns_joining_path_with_a_real_probe(broker):
+    p = broker.cli("doctor")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "ok   a dnsmasq container joins a fresh netns through the OCI runtime" in p.stdout
+    assert "ok   dockerd at unix://" in p.stdout
+    assert broker.cli("check-config").returncode == 0
+
+
+@pytest.mark.parametrize("oci_runtime,why", [
+    ("runc", "is not in /run/netns/qdhcp-"),  # a runtime that does not move the container: caught
+    ("nosuch", "has no OCI runtime 'nosuch'"),
+])
+def test_doctor_fails_when_the_oci_runtime_does_not_join_the_netns(make_broker, oci_runtime, why):
+    b = make_broker(broker_extra=f'docker_oci_runtime = "{oci_runtime}"')
+    p = b.cli("doctor")
+    assert p.returncode == 1 and why in p.stdout, p.stdout
+
+
+def test_check_config_fails_when_the_docker_cli_is_missing(make_broker, tmp_path):
+    b = make_broker(broker_extra="")
+    text = b.config_path.read_text().replace('docker = "/usr/bin/docker"', f'docker = "{tmp_path}/no-docker"')
+    b.config_path.write_text(text)
+    p = b.cli("check-config")
+    assert p.returncode == 1 and "no-docker found (None)" in p.stderr, p.stderr
