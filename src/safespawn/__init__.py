@@ -1,25 +1,46 @@
 """safespawn: let a container ask its host to run allowlisted sidecar containers, safely.
 
 The public surface is small: the configuration, the policy, the engine and the client.
+
+The names are imported on first use (PEP 562): dockerd runs `safespawn-oci-runtime` for every runc
+call of every Docker sidecar (create, start, state, kill, delete), and most of those only exec runc,
+so importing the package must not import the engine, the policy and tomllib.
 """
 
-from .config import ChannelConfig, Config, load_config, parse_config
-from .engine import Engine, SyncResult
-from .errors import (
-                     BadRequest,
-                     ConfigError,
-                     ErrorCode,
-                     ExitCode,
-                     Interrupted,
-                     NotFound,
-                     PolicyDenied,
-                     QuotaExceeded,
-                     RuntimeFailed,
-                     SafespawnError,
-)
-from .policy import Policy, Profile, load_profile
-from .request import Reply, Request, parse_request
-from .sidecar import SidecarSpec
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .config import ChannelConfig, Config, load_config, parse_config
+    from .engine import Engine, SyncResult
+    from .errors import (
+        BadRequest,
+        ConfigError,
+        ErrorCode,
+        ExitCode,
+        Interrupted,
+        NotFound,
+        PolicyDenied,
+        QuotaExceeded,
+        RuntimeFailed,
+        SafespawnError,
+    )
+    from .policy import Policy, Profile, load_profile
+    from .request import Reply, Request, parse_request
+    from .sidecar import SidecarSpec
+
+_WHERE = {
+    "config": ("ChannelConfig", "Config", "load_config", "parse_config"),
+    "engine": ("Engine", "SyncResult"),
+    "errors": ("BadRequest", "ConfigError", "ErrorCode", "ExitCode", "Interrupted", "NotFound", "PolicyDenied",
+               "QuotaExceeded", "RuntimeFailed", "SafespawnError"),
+    "policy": ("Policy", "Profile", "load_profile"),
+    "request": ("Reply", "Request", "parse_request"),
+    "sidecar": ("SidecarSpec",),
+}
+_MODULE_OF = {name: mod for mod, names in _WHERE.items() for name in names}
 
 __version__ = "0.1.0"
 __all__ = [
@@ -28,3 +49,12 @@ __all__ = [
     "SafespawnError", "SidecarSpec", "SyncResult", "load_config", "load_profile", "parse_config",
     "parse_request",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    mod = _MODULE_OF.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'safespawn' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{mod}", __name__), name)
+    globals()[name] = value
+    return value
