@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -76,33 +77,13 @@ def main() -> int:
                     "--interface=lo", "--bind-dynamic", "--conf-file=/dev/null"]
 
         reqs = [client.start_request("dnsmasq", argv(ns), netns=ns) for ns in namespaces]
-        b.start_watch()
-        time.sleep(0.5)
-        lat: list[float] = []
-
-        def one(req: dict) -> None:
-            t0 = time.monotonic()
-            r = client.submit(str(b.channel_dir()), req, timeout=300)
-            lat.append(time.monotonic() - t0)
-            assert r["ok"], r
-
-        t0 = time.monotonic()
-        with ThreadPoolExecutor(max_workers=n) as pool:
-            list(pool.map(one, reqs))
-        total = time.monotonic() - t0
-        running = sum(1 for c in b.containers() if c["State"] == "running")
-        # The broker's sidecars go before the baselines: a second dnsmasq in the same netns could not
-        # bind its port, would exit, and the runtime's restart policy would loop it during the timing.
-        b.cleanup()
-
-        # Baseline: the same containers, podman alone (names suffixed so they do not clash).
-        specs = []
+        # The baseline: the same containers, the runtime alone, with the very command line the broker
+        # uses (names suffixed so they do not clash, each run removed before the next).
+        from safespawn.request import Request
         pol = b.engine.policy
         ch = b.engine.config.channel(b.channel)
-        from safespawn.request import Request
-        for q in reqs:
-            s = pol.authorize_start(ch, Request(q["id"], "start", "dnsmasq", q["netns"], tuple(q["argv"])))
-            specs.append(s)
+        specs = [pol.authorize_start(ch, Request(q["id"], "start", "dnsmasq", q["netns"], tuple(q["argv"])))
+                 for q in reqs]
 
         def raw_run(s, suffix: str, oci: str = "safespawn") -> None:
             cmd = docker_rt.run_argv(s, cli, oci) if dockerd else podman_rt.run_argv(s, cli)
@@ -119,20 +100,45 @@ def main() -> int:
             remove_bench_containers(cli, env)
             return took
 
+        load_before = os.getloadavg()[0]
+        par_before = timed(lambda s: raw_run(s, "before"), args.parallel)
+
+        b.start_watch()
+        time.sleep(0.5)
+        lat: list[float] = []
+
+        def one(req: dict) -> None:
+            t0 = time.monotonic()
+            r = client.submit(str(b.channel_dir()), req, timeout=600)
+            lat.append(time.monotonic() - t0)
+            assert r["ok"], r
+
+        t0 = time.monotonic()
+        with ThreadPoolExecutor(max_workers=n) as pool:
+            list(pool.map(one, reqs))
+        total = time.monotonic() - t0
+        running = sum(1 for c in b.containers() if c["State"] == "running")
+        # The broker's sidecars go before the next baselines: a second dnsmasq in the same netns could
+        # not bind its port, would exit, and the restart policy would loop it during the timing.
+        b.cleanup()
+
+        par_after = timed(lambda s: raw_run(s, "after"), args.parallel)
         serial = timed(lambda s: raw_run(s, "serial"), 1)
-        par = timed(lambda s: raw_run(s, "par"), args.parallel)
         extra = {}
         if dockerd:
             extra[f"docker_alone_plain_runc_parallel{args.parallel}_s"] = round(
                 timed(lambda s: raw_run(s, "runc", "runc"), args.parallel), 2)
+        par = (par_before + par_after) / 2
         result = {"runtime": args.runtime,
             "n": n, "parallel_starts": args.parallel, "running_after": running,
             "safespawn_total_s": round(total, 2), "drain_rate_per_s": round(n / total, 1),
             "latency_p50_s": round(pct(lat, 50), 3), "latency_p95_s": round(pct(lat, 95), 3),
             "latency_max_s": round(max(lat), 3), "latency_mean_s": round(statistics.mean(lat), 3),
-            f"{args.runtime}_alone_serial_s": round(serial, 2),
-            f"{args.runtime}_alone_parallel{args.parallel}_s": round(par, 2), **extra,
-            "ratio_safespawn_to_parallel": round(total / par, 2),
+            f"{args.runtime}_alone_parallel{args.parallel}_before_s": round(par_before, 2),
+            f"{args.runtime}_alone_parallel{args.parallel}_after_s": round(par_after, 2),
+            f"{args.runtime}_alone_serial_s": round(serial, 2), **extra,
+            "ratio_safespawn_to_parallel_mean": round(total / par, 2),
+            "load_average_1min_before_after": [round(load_before, 1), round(os.getloadavg()[0], 1)],
         }
         print(json.dumps(result, indent=1))
         return 0 if running == n else 1
