@@ -5,7 +5,7 @@
         d.load_image("localhost/safespawn-test:latest")   # podman save | docker load
 
 The daemon runs without iptables, ip6tables or a bridge (TESTBED.md), with safespawn's OCI runtime
-registered as `safespawn`. It is stopped by its own pid at the end and its folders are removed; a
+registered as `safespawn` in its own daemon.json (`--config-file`). It is stopped by its own pid at the end and its folders are removed; a
 Docker daemon that was already running on the machine is never contacted (the default socket is
 never used: every CLI call carries DOCKER_HOST).
 """
@@ -47,9 +47,10 @@ class PrivateDockerd:
         root = Path(tempfile.mkdtemp(prefix="ssd-", dir="/tmp"))
         argv = [DOCKERD, "--iptables=false", "--ip6tables=false", "--bridge=none",
                 f"--data-root={root}/data", f"--exec-root={root}/exec", f"-H=unix://{root}/docker.sock",
-                f"--pidfile={root}/pid", f"--add-runtime=safespawn={oci_runtime}",
-                f"--config-file={root}/daemon.json"]
-        (root / "daemon.json").write_text("{}\n")
+                f"--pidfile={root}/pid", f"--config-file={root}/daemon.json"]
+        # In daemon.json, not --add-runtime: dockerd forgets a flag's runtime when it reloads its
+        # config file on SIGHUP (seen when the Ansible role's handler reloads this daemon).
+        (root / "daemon.json").write_text(json.dumps({"runtimes": {"safespawn": {"path": oci_runtime}}}) + "\n")
         # The OCI runtime reads the broker's netns and profile folders from the safespawn config
         # named in its own environment (dockerd's, inherited through containerd and its shim).
         (root / "safespawn.toml").write_text('[broker]\nnetns_dir = "/run/netns"\n')
