@@ -253,26 +253,34 @@ def test_a_request_naming_the_hosts_netns_is_refused_and_starts_no_container(bro
     assert broker.containers() == []
 
 
-def test_a_netns_swapped_for_the_hosts_after_the_policy_check_is_refused_at_create(broker, pair, dockerd):
+def test_a_netns_swapped_for_the_hosts_after_the_policy_check_is_refused_at_create(broker, pair):
     """The policy checked the netns; then the agent (which can mount under /run/netns) swaps it for
-    the host's before Docker creates the container. The OCI runtime's own check stops it."""
-    from safespawn.policy import Policy
-    from safespawn.request import Request
-    from safespawn.runtime import make_runtime
+    the host's before Docker creates the container. The OCI runtime's own check stops the create, so
+    the sidecar never runs at all (with podman, the post-start check catches it after the fact)."""
+    from safespawn.config import load_config
+    from safespawn.engine import Engine
+    from safespawn.runtime import DockerRuntime, make_runtime
 
-    cfg = broker.engine.config
-    ch = cfg.channel(broker.channel)
-    argv = tuple(dnsmasq_argv(broker.data_dir, pair))
-    spec = Policy(cfg).authorize_start(ch, Request("0" * 32, "start", "dnsmasq", pair.server_ns, argv))
     path = f"/run/netns/{pair.server_ns}"
-    netlab.run(["mount", "--bind", "/proc/self/ns/net", path])  # stacked over the checked netns
+
+    class SwapToHostNetns(DockerRuntime):
+        def run(self, spec):  # type: ignore[no-untyped-def]
+            netlab.run(["mount", "--bind", "/proc/self/ns/net", path])  # stacked over the checked netns
+            return super().run(spec)
+
+    cfg = load_config(str(broker.config_path))
+    d = make_runtime(cfg.broker)
+    broker._engine = Engine(cfg, runtime=SwapToHostNetns(d.docker, d.env["DOCKER_HOST"], d.oci_runtime))
     try:
-        with pytest.raises(Exception, match="refused"):
-            make_runtime(cfg.broker).run(spec)
-        running = [c for c in broker.containers() if c["State"] == "running"]
-        assert running == []
+        r = broker.request(client.start_request("dnsmasq", dnsmasq_argv(broker.data_dir, pair),
+                                                netns=pair.server_ns))
+        assert r["ok"] is False and r["error"]["code"] == "runtime_failed", r
+        assert "is the host's own network namespace" in r["error"]["message"], r
+        assert [c for c in broker.containers() if c["State"] == "running"] == []
+        assert broker.desired() == {}
     finally:
         subprocess.run(["umount", path], capture_output=True, check=False)
+        broker._engine = None
 
 
 def test_without_the_netns_value_a_docker_sidecar_stays_in_a_fresh_empty_netns(dockerd, test_image):

@@ -149,3 +149,14 @@ def test_the_rewrite_refuses_a_container_that_did_not_ask_for_a_fresh_netns(name
 def test_the_rewrite_refuses_a_malformed_config(bad):
     with pytest.raises(Refused):
         rewrite(bad, None, 1)
+
+
+def test_the_oci_runtimes_pass_through_path_imports_neither_the_engine_nor_tomllib():
+    """dockerd runs the OCI runtime for every runc call of every sidecar: importing it stays cheap."""
+    import subprocess
+    import sys
+
+    code = ("import sys, safespawn.ociruntime; "
+            "print(sorted(m for m in ('safespawn.engine', 'safespawn.policy', 'tomllib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]"
