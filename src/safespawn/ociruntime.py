@@ -129,11 +129,11 @@ def rewrite(config: dict[str, Any], fd: int | None, pid: int) -> dict[str, Any]:
     if not isinstance(namespaces, list):
         raise Refused("config.json has no linux.namespaces list")
     net = [ns for ns in namespaces if isinstance(ns, dict) and ns.get("type") == "network"]
+    # DENY: no network entry means the host's netns (--network host); a path means another
+    # container's (--network container:X). A sidecar always starts from a fresh one of its own.
+    if len(net) != 1 or net[0].get("path"):
+        raise Refused("a container of this runtime must be created with --network=none")
     if fd is not None:
-        # DENY: no network entry means the host's netns (--network host); a path means another
-        # container's (--network container:X). Only a sidecar that asked for a fresh one is moved.
-        if len(net) != 1 or net[0].get("path"):
-            raise Refused("the container must be created with --network=none to join a netns")
         net[0]["path"] = f"/proc/{pid}/fd/{fd}"
     mounts = config.get("mounts", [])
     if not isinstance(mounts, list):

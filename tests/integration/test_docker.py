@@ -228,13 +228,14 @@ def _docker_run(dockerd, image, *opts: str, check: bool = False):
     return name, p
 
 
-@pytest.mark.parametrize("case", ["host_netns", "missing", "host_network"])
+@pytest.mark.parametrize("case", ["host_netns", "missing", "host_network", "host_network_without_netns"])
 def test_dockerd_with_the_oci_runtime_refuses_hostile_values_and_runs_nothing(dockerd, test_image, case,
                                                                                host_netns_under_qdhcp_name):
     netns = host_netns_under_qdhcp_name if case != "missing" else qdhcp()
-    network = "--network=host" if case == "host_network" else "--network=none"
-    name, p = _docker_run(dockerd, test_image, "--runtime=safespawn", network, f"--env=SAFESPAWN_NETNS={netns}",
-                          "--env=SAFESPAWN_PROFILE=dnsmasq", "--cap-drop=ALL")
+    network = "--network=host" if case.startswith("host_network") else "--network=none"
+    env = [] if case == "host_network_without_netns" else [f"--env=SAFESPAWN_NETNS={netns}",
+                                                            "--env=SAFESPAWN_PROFILE=dnsmasq"]
+    name, p = _docker_run(dockerd, test_image, "--runtime=safespawn", network, *env, "--cap-drop=ALL")
     try:
         assert p.returncode != 0
         assert "safespawn-oci-runtime: refused" in p.stderr, p.stderr

@@ -134,11 +134,12 @@ def test_the_rewrite_sets_only_the_netns_path_and_hardens_bind_mounts():
     [{"type": "network", "path": "/proc/1/ns/net"}],  # already another namespace
     [{"type": "network"}, {"type": "network"}],
 ])
-def test_the_rewrite_refuses_a_container_that_did_not_ask_for_a_fresh_netns(namespaces):
+@pytest.mark.parametrize("fd", [7, None])
+def test_the_rewrite_refuses_a_container_that_did_not_ask_for_a_fresh_netns(namespaces, fd):
     cfg = copy.deepcopy(CONFIG)
     cfg["linux"]["namespaces"] = namespaces
     with pytest.raises(Refused):
-        rewrite(cfg, 7, 1234)
+        rewrite(cfg, fd, 1234)
 
 
 @pytest.mark.parametrize("bad", [
