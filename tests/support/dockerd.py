@@ -124,13 +124,17 @@ class PrivateDockerd:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
-        # dockerd leaves its exec root's mounts (netns, overlay) only if it crashed; unmount ours.
-        subprocess.run(["umount", "-R", "--lazy", str(self.root / "data")], capture_output=True, check=False)
-        subprocess.run(["umount", "-R", "--lazy", str(self.root / "exec")], capture_output=True, check=False)
-        with open("/proc/self/mountinfo") as f:
-            busy = [ln for ln in f if f" {self.root}/" in ln]
-        if not busy:  # never delete through a mount that is still there
+        # dockerd leaves exec/netns/default (a bind mount of its own netns) behind even on a clean
+        # stop, and overlay mounts if it crashed: unmount what is under our root, deepest first.
+        for point in sorted(self._mounts(), key=len, reverse=True):
+            subprocess.run(["umount", "--lazy", point], capture_output=True, check=False)
+        if not self._mounts():  # never delete through a mount that is still there
             shutil.rmtree(self.root, ignore_errors=True)
+
+    def _mounts(self) -> list[str]:
+        with open("/proc/self/mountinfo") as f:
+            points = [ln.split()[4] for ln in f]
+        return [p for p in points if p.startswith(f"{self.root}/")]
 
     def __enter__(self) -> PrivateDockerd:
         return self
