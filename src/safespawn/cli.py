@@ -15,7 +15,7 @@ from typing import Any
 from . import client
 from .audit import read_recent
 from .config import Config, config_path, load_config
-from .errors import ConfigError, ExitCode
+from .errors import ChannelLocked, ConfigError, ExitCode
 from .state import ChannelState
 
 log = logging.getLogger("safespawn")
@@ -39,7 +39,7 @@ def cmd_sync(args: argparse.Namespace, cfg: Config) -> int:
     for n in names:
         try:
             r = engine.sync(n, wait=not args.no_wait)
-        except BlockingIOError:
+        except ChannelLocked:
             log.info("channel %s is being synced by another process", n)
             rc = ExitCode.LOCKED
             continue
@@ -168,7 +168,7 @@ def cmd_doctor(args: argparse.Namespace, cfg: Config) -> int:
             with ChannelState.locked(str(cfg.broker.state_dir), ch.name, wait=False):
                 pass
             check(True, f"state dir of {ch.name} usable")
-        except BlockingIOError:
+        except ChannelLocked:
             check(True, f"state dir of {ch.name} usable (a sync holds it now)")
         except OSError as e:
             check(False, f"state dir of {ch.name} usable", str(e))

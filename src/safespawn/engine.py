@@ -27,8 +27,17 @@ from typing import Any
 
 from .audit import AuditLog
 from .config import ChannelConfig, Config
-from .errors import BadRequest, ErrorCode, Interrupted, NotFound, QuotaExceeded, RuntimeFailed, SafespawnError
-from .inbox import ChannelDir, ChannelUnsafe, Entry
+from .errors import (
+    BadRequest,
+    ChannelUnsafe,
+    ErrorCode,
+    Interrupted,
+    NotFound,
+    QuotaExceeded,
+    RuntimeFailed,
+    SafespawnError,
+)
+from .inbox import ChannelDir, Entry
 from .policy import Policy, host_netns_ids
 from .request import Reply, Request, parse_request
 from .runtime import Container, PodmanRuntime, Runtime

@@ -25,16 +25,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import BadRequest, QuotaExceeded, SafespawnError
+from .errors import BadRequest, ChannelUnsafe, QuotaExceeded
 from .files import atomic_write, fsync_dir, open_dir
 
 REQUEST_NAME_RE = re.compile(r"([0-9a-f]{32})\.json")
 TMP_MAX_AGE = 3600.0
 QUARANTINE_KEEP = 1000
-
-
-class ChannelUnsafe(Exception):
-    """The channel directory itself is not as the host laid it out (e.g. a symlinked inbox/new)."""
 
 
 @dataclass(frozen=True)
@@ -256,10 +252,6 @@ class ChannelDir:
     def write_status(self, status: dict[str, Any]) -> None:
         atomic_write(self.fds["outbox"], "status.json", json.dumps(status, indent=1).encode() + b"\n",
                      mode=0o644)
-
-
-def refusal_of(e: SafespawnError) -> tuple[str, str]:
-    return e.code.value, e.message
 
 
 def channel_layout(base: str, agent_uid: int = 0, agent_gid: int = 0) -> list[tuple[str, int, int, int]]:

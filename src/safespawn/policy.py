@@ -344,7 +344,7 @@ class Policy:
         return self.profiles[name]
 
     def check_netns(self, profile: Profile, netns: str | None) -> str | None:
-        """Returns the netns path to join, after checking it as DESIGN.md requires."""
+        """Returns the netns path to join, after checking it as docs/security.md describes."""
         if netns is None:
             if profile.netns == "required":
                 raise PolicyDenied(f"{profile.name} must run in a network namespace")

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from .errors import ChannelLocked
 from .files import append_line, atomic_write, open_dir
 
 LEDGER_KEEP_SECONDS = 7 * 24 * 3600
@@ -92,7 +93,10 @@ class ChannelState:
         os.chmod(path, 0o700)
         fd = os.open(os.path.join(path, "lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                raise ChannelLocked(channel) from None
             st = cls(path)
             st._dir_fd = open_dir(path)
             try:

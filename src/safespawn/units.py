@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import Config, config_path, load_config
-from .errors import ExitCode, RuntimeFailed
+from .errors import ExitCode, InstallError, RuntimeFailed
 from .files import atomic_write, open_dir
 from .inbox import channel_layout, create_channel_dirs
 
@@ -77,10 +77,6 @@ DROPPED_CAPABILITIES = ("CAP_SYS_MODULE", "CAP_SYS_BOOT", "CAP_SYS_TIME", "CAP_W
                         "CAP_SYS_PACCT", "CAP_BLOCK_SUSPEND")
 # Characters a path may carry into a unit file unquoted and unescaped.
 UNIT_PATH_RE = re.compile(r"/[A-Za-z0-9_./+@:,-]*")
-
-
-class InstallError(Exception):
-    """install/uninstall cannot proceed; the message says why and what to do."""
 
 
 # -- unit text ---------------------------------------------------------------------------------
