@@ -23,6 +23,7 @@ import shutil
 import stat
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from .errors import BadRequest, ChannelUnsafe, QuotaExceeded
@@ -60,6 +61,19 @@ def _open_subdir(parent_fd: int | None, name: str, what: str) -> int:
 
 class ChannelDir:
     """Open directory fds of one channel; use as a context manager."""
+
+    @staticmethod
+    def path_of(channels_dir: str | Path, channel: str) -> str:
+        """The one place a channel's directory is named."""
+        return os.path.join(str(channels_dir), channel)
+
+    @staticmethod
+    def inbox_new_of(channels_dir: str | Path, channel: str) -> str:
+        return os.path.join(ChannelDir.path_of(channels_dir, channel), "inbox", "new")
+
+    @classmethod
+    def of(cls, channels_dir: str | Path, channel: str, quarantine_path: str) -> ChannelDir:
+        return cls(cls.path_of(channels_dir, channel), quarantine_path)
 
     def __init__(self, path: str, quarantine_path: str) -> None:
         self.path = path
