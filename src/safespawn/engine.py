@@ -16,8 +16,9 @@ One sync of a channel, under its lock, in phases that each hand a typed value to
                  allows, remove orphans and leftovers of the channel
     status       outbox/status.json
 
-The channel's containers are listed once per sync (`Snapshot`) and kept up to date with what the
-sync did; a runtime failure makes the snapshot stale, and the next phase that needs it lists again.
+The channel's containers are listed in one place (`Snapshot`): once for each batch that acts, and
+once for reconcile and status together (so an idle sync lists once). Within a batch the snapshot
+follows what the batch did; a runtime failure makes it stale, and the next use lists again.
 
 A crash at any step loses nothing: the request stays in the inbox until its reply is durable, and
 the ledger answers a replayed request with its first reply instead of acting twice.
@@ -133,8 +134,8 @@ class Outcome:
 
 
 class Snapshot:
-    """The channel's containers during one sync: listed once, then kept up to date with what the
-    sync did. After a runtime failure the effect is unknown, so the next use lists again."""
+    """The channel's containers during one sync: listed when first needed, then kept up to date
+    with what the sync did. After a runtime failure the effect is unknown, so the next use lists again."""
 
     def __init__(self, runtime: Runtime, channel: str) -> None:
         self.runtime = runtime
@@ -323,6 +324,9 @@ class Engine:
         outcomes = self._verify(s, acted, containers)
         self._update_desired(s.state, outcomes)
         s.state.save_desired()
+        # The next batch and reconcile list afresh: a sidecar may die right after its check, and
+        # reconcile must see that rather than what this batch believes it left.
+        s.snapshot.invalidate()
         return outcomes
 
     def _decide(self, s: _Sync, incoming: list[Incoming], containers: dict[str, Container]) -> list[Planned]:
