@@ -268,22 +268,27 @@ class ChannelDir:
                      mode=0o644)
 
 
-def channel_layout(base: str, agent_uid: int = 0, agent_gid: int = 0) -> list[tuple[str, int, int, int]]:
+def channel_layout(base: str, agent_uid: int | None = None,
+                   agent_gid: int | None = None) -> list[tuple[str, int, int, int]]:
     """(path, mode, uid, gid) of every directory of a channel, parents first.
 
-    The agent may write inbox/ (and its tmp/ and new/) but only read outbox/; the host is root.
+    The agent may write inbox/ (and its tmp/ and new/) but only read outbox/; the host (the broker's
+    own user: root in production) owns the rest. The agent's uid/gid default to the broker's own.
     """
+    host_uid, host_gid = os.geteuid(), os.getegid()
+    agent_uid = host_uid if agent_uid is None else agent_uid
+    agent_gid = host_gid if agent_gid is None else agent_gid
     return [
-        (base, 0o755, 0, 0),
+        (base, 0o755, host_uid, host_gid),
         (os.path.join(base, "inbox"), 0o755, agent_uid, agent_gid),
         (os.path.join(base, "inbox", "tmp"), 0o755, agent_uid, agent_gid),
         (os.path.join(base, "inbox", "new"), 0o755, agent_uid, agent_gid),
-        (os.path.join(base, "outbox"), 0o755, 0, 0),
-        (os.path.join(base, "outbox", "replies"), 0o755, 0, 0),
+        (os.path.join(base, "outbox"), 0o755, host_uid, host_gid),
+        (os.path.join(base, "outbox", "replies"), 0o755, host_uid, host_gid),
     ]
 
 
-def create_channel_dirs(base: str, agent_uid: int = 0, agent_gid: int = 0) -> list[str]:
+def create_channel_dirs(base: str, agent_uid: int | None = None, agent_gid: int | None = None) -> list[str]:
     """Create (or fix) a channel's directories; returns what was created or changed."""
     changed = []
     os.makedirs(os.path.dirname(base), mode=0o755, exist_ok=True)

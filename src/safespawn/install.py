@@ -19,7 +19,8 @@ from pathlib import Path
 from .config import Config
 from .errors import ExitCode, InstallError, RuntimeFailed
 from .files import atomic_write, open_dir
-from .inbox import channel_layout, create_channel_dirs
+from .inbox import ChannelDir, channel_layout, create_channel_dirs
+from .state import ChannelState
 from .units import (
     MARKER,
     RECONCILE_TIMER,
@@ -190,10 +191,12 @@ def install(cfg: Config, *, scope: str, channels: list[str], unit_dir: Path, exe
     _add(manifest.dirs, *_private_dir(b.state_dir, report))
     for ch in channels:
         c = cfg.channel(ch)
-        if _channel_dirs(b.channels_dir / ch, c.agent_uid, c.agent_gid, report):
-            _add(manifest.dirs, str(b.channels_dir / ch))
-        _add(manifest.dirs, *_private_dir(b.state_dir / ch, report))
-        _private_dir(b.state_dir / ch / "quarantine", report)
+        base = Path(ChannelDir.path_of(b.channels_dir, ch))
+        if _channel_dirs(base, c.agent_uid, c.agent_gid, report):
+            _add(manifest.dirs, str(base))
+        state = ChannelState.of(b.state_dir, ch)
+        _add(manifest.dirs, *_private_dir(Path(state.path), report))
+        _private_dir(Path(state.quarantine_path), report)
         _add(manifest.channels, ch)
 
     # 2. unit files.
@@ -334,8 +337,9 @@ def uninstall(cfg: Config, *, scope: str | None, unit_dir: Path | None, stop_sid
             except RuntimeFailed:
                 n = 0
             if n:
-                report.note(f"left {n} sidecar(s) of channel {ch} running, and their state in {b.state_dir / ch}; "
-                            "`safespawn uninstall --stop-sidecars` removes both")
+                report.note(f"left {n} sidecar(s) of channel {ch} running, and their state in "
+                            f"{ChannelState.path_of(b.state_dir, ch)}; `safespawn uninstall --stop-sidecars` "
+                            "removes both")
 
     # 4. directories install created, children first; host-private state only with the sidecars.
     remaining: list[str] = []

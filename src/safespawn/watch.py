@@ -16,6 +16,7 @@ import time
 from types import FrameType
 
 from .engine import Engine
+from .inbox import ChannelDir
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ def watch(engine: Engine, interval: float = 0.05, reconcile_interval: float | No
         signal.signal(signal.SIGINT, on_signal)
     cfg = engine.config
     every = float(reconcile_interval or cfg.broker.reconcile_interval)
-    inboxes = {name: str(cfg.broker.channels_dir / name / "inbox" / "new") for name in cfg.channels}
+    inboxes = {name: ChannelDir.inbox_new_of(cfg.broker.channels_dir, name) for name in cfg.channels}
     log.info("watching %d channel(s): %s", len(inboxes), ", ".join(sorted(inboxes)))
     next_full = 0.0
     while not stop.is_set():
