@@ -78,7 +78,8 @@ def cmd_sync(args: argparse.Namespace, cfg: Config) -> int:
 def cmd_watch(args: argparse.Namespace, cfg: Config) -> int:
     from .watch import watch
 
-    watch(_engine(cfg), interval=args.interval, reconcile_interval=args.reconcile_interval)
+    watch(_engine(cfg), interval=args.interval, reconcile_interval=args.reconcile_interval,
+          use_inotify=not args.poll)
     return ExitCode.OK
 
 
@@ -268,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--interval", type=float, default=0.05,
                    help="seconds between inbox polls when inotify is not available")
     s.add_argument("--reconcile-interval", type=float, default=None, help="seconds between full syncs")
+    s.add_argument("--poll", action="store_true", help="poll the inboxes instead of waiting on inotify events")
     s.set_defaults(run=_with_config(cmd_watch))
 
     s = sub.add_parser("status", help="show the sidecars of channels")

@@ -428,8 +428,45 @@ def flood_excess(channel: ChannelConfig, ids: Sequence[str | None], known: Itera
     return [i for i in range(channel.max_pending, len(ids)) if ids[i] is None or ids[i] not in known]
 
 
+# Where podman itself mounts something in every container: a data dir there either fails at
+# `podman run` (/etc/hosts: not a directory; /dev: crun cannot open /dev/null) or hides what the
+# program needs (/proc, /sys).
+RUNTIME_MOUNT_TREES = ("/proc", "/sys", "/dev")
+RUNTIME_MOUNT_FILES = ("/etc/hosts", "/etc/hostname", "/etc/resolv.conf", "/run/.containerenv")
+
+
+def check_mounts(channel: ChannelConfig, profiles: Mapping[str, Profile]) -> None:
+    """A channel's data dirs must be mountable beside every mount its sidecars get.
+
+    Raises ConfigError naming the collision; otherwise every start would fail at request time, e.g.
+    `podman run failed (rc 125): Error: /tmp: duplicate mount destination` for data_dirs = ["/tmp"]
+    (the profiles mount a tmpfs on /tmp).
+    """
+    where = f"channels.{channel.name}.data_dirs"
+    seen: set[str] = set()
+    for d in channel.data_dirs:
+        if d in seen:
+            raise ConfigError(f"{where}: {d} is listed twice")
+        seen.add(d)
+        for tree in RUNTIME_MOUNT_TREES:
+            if d == tree or d.startswith(tree + "/"):
+                raise ConfigError(f"{where}: {d} collides with {tree}, which podman mounts in every container")
+        if d in RUNTIME_MOUNT_FILES:
+            raise ConfigError(f"{where}: {d} collides with the file podman mounts there in every container")
+        for name in channel.profiles:
+            p = profiles.get(name)
+            if p is not None and d in p.tmpfs:
+                raise ConfigError(f"{where}: {d} collides with the tmpfs the {name} profile mounts at {d} "
+                                  "(podman would refuse every start: duplicate mount destination); "
+                                  "use a directory below it, e.g. a dedicated /var/lib/... directory")
+
+
 class Policy:
-    """Turns requests into sidecar specs and signal decisions, or refuses them."""
+    """Turns requests into sidecar specs and signal decisions, or refuses them.
+
+    Building one validates the configuration it will enforce: every profile the channels name
+    loads, and every channel's data dirs can be mounted beside its profiles' mounts (`check_mounts`).
+    """
 
     def __init__(self, config: Config, profiles: dict[str, Profile] | None = None,
                  host_ns: Iterable[tuple[int, int]] | None = None) -> None:
@@ -442,6 +479,8 @@ class Policy:
                 for name in ch.profiles:
                     if name not in self.profiles:
                         self.profiles[name] = load_profile(name, config.broker.profiles_dir)
+        for ch in config.channels.values():
+            check_mounts(ch, self.profiles)
 
     def profile_for(self, channel: ChannelConfig, name: str | None) -> Profile:
         # DENY: a profile the host did not grant this channel, whatever else exists.

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -53,6 +54,7 @@ class FakeRuntime:
         self._pids = _fake_pids()
         self._ids = itertools.count(1)
         self._injections: dict[str, list[_Injection]] = {}
+        self._lock = threading.Lock()  # the engine acts from several threads
 
     # -- test controls -------------------------------------------------------------------------
 
@@ -71,23 +73,28 @@ class FakeRuntime:
 
     def add(self, name: str, channel: str, state: str = "running", labels: dict[str, str] | None = None) -> Container:
         """A container the engine did not start (a leftover, an orphan, another channel's)."""
-        c = Container(f"id{next(self._ids)}", name, state, next(self._pids) if state == "running" else 0,
-                      {LABEL_CHANNEL: channel, **(labels or {})})
+        cid, pid = self._new_ids()
+        c = Container(cid, name, state, pid if state == "running" else 0, {LABEL_CHANNEL: channel, **(labels or {})})
         self.containers[name] = c
         return c
+
+    def _new_ids(self) -> tuple[str, int]:
+        with self._lock:
+            return f"id{next(self._ids)}", next(self._pids)
 
     def count(self, op: str) -> int:
         return sum(1 for o, _ in self.calls if o == op)
 
     def _enter(self, op: str, *args: Any) -> _Injection | None:
-        self.calls.append((op, str(args[0]) if args and isinstance(args[0], str) else None))
-        queue = self._injections.get(op)
-        if not queue:
-            return None
-        inj = queue[0]
-        inj.times -= 1
-        if inj.times <= 0:
-            queue.pop(0)
+        with self._lock:
+            self.calls.append((op, str(args[0]) if args and isinstance(args[0], str) else None))
+            queue = self._injections.get(op)
+            if not queue:
+                return None
+            inj = queue[0]
+            inj.times -= 1
+            if inj.times <= 0:
+                queue.pop(0)
         if inj.hook is not None:
             inj.hook(*args)
         if inj.error is not None and not inj.after:
@@ -112,9 +119,10 @@ class FakeRuntime:
         inj = self._enter("run", spec.name)
         if spec.name in self.containers:
             raise RuntimeFailed(f"podman run failed (rc 125): the container name {spec.name!r} is already in use")
-        cid = f"id{next(self._ids)}"
-        pid = self.next_pid if self.next_pid is not None else next(self._pids)
-        self.next_pid = None
+        cid, pid = self._new_ids()
+        with self._lock:
+            if self.next_pid is not None:
+                pid, self.next_pid = self.next_pid, None
         self.containers[spec.name] = Container(cid, spec.name, "running", pid, dict(spec.labels))
         self.specs[spec.name] = spec
         self._leave(inj)
