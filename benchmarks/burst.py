@@ -22,25 +22,12 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import pct, podman_baseline, podman_rm  # noqa: E402
 from support.broker import TEST_IMAGE, Broker  # noqa: E402
 
 from safespawn import client  # noqa: E402
 from safespawn.runtime.podman import run_argv  # noqa: E402
-
-
-def pct(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
-
-
-def remove_bench_containers() -> None:
-    ids = subprocess.run(["podman", "ps", "-aq", "--filter", "label=safespawn.bench=1"], capture_output=True,
-                         text=True, check=False).stdout.split()
-    if ids:
-        subprocess.run(["podman", "rm", "-f", "-t", "0", *ids], capture_output=True, check=False)
 
 
 def main() -> int:
@@ -89,23 +76,17 @@ def main() -> int:
             s = pol.authorize_start(ch, Request(q["id"], "start", "dnsmasq", q["netns"], tuple(q["argv"])))
             specs.append(s)
 
-        def raw_run(s, suffix: str) -> None:
+        def raw_argv(s, suffix: str) -> list[str]:
             cmd = run_argv(s)
             cmd = [a if not a.startswith("--name=") else f"{a}-{suffix}" for a in cmd]
             cmd = [a for a in cmd if not a.startswith("--label=safespawn.channel")]
             cmd.insert(2, "--label=safespawn.bench=1")
-            subprocess.run(cmd, check=True, capture_output=True)
+            return cmd
 
-        t1 = time.monotonic()
-        for s in specs:
-            raw_run(s, "serial")
-        serial = time.monotonic() - t1
-        remove_bench_containers()
-        t2 = time.monotonic()
-        with ThreadPoolExecutor(max_workers=args.parallel) as pool:
-            list(pool.map(lambda s: raw_run(s, "par"), specs))
-        par = time.monotonic() - t2
-        remove_bench_containers()
+        serial = podman_baseline([raw_argv(s, "serial") for s in specs], 1)
+        podman_rm("safespawn.bench=1")
+        par = podman_baseline([raw_argv(s, "par") for s in specs], args.parallel)
+        podman_rm("safespawn.bench=1")
         result = {
             "n": n, "parallel_starts": args.parallel, "running_after": running,
             "safespawn_total_s": round(total, 2), "drain_rate_per_s": round(n / total, 1),
