@@ -44,7 +44,7 @@ def measure(mode: str, n: int, idle: float) -> dict[str, float]:
         env = dict(os.environ, SAFESPAWN_CONFIG=str(b.config_path))
         argv = [sys.executable, "-m", "safespawn.cli", "watch", "--reconcile-interval", "3600"]
         proc = subprocess.Popen(argv + (["--poll"] if mode == "poll" else []), env=env, stdout=subprocess.DEVNULL,
-                                stderr=open(b.root / "watch.log", "ab"))
+                                stderr=open(b.root / "watch.log", "ab"))  # noqa: SIM115 (open while it runs)
         b._watch = proc
         replies = b.channel_dir() / "outbox" / "replies"
         t0 = time.monotonic()
