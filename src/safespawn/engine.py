@@ -166,181 +166,89 @@ class _Sync:
     audit: AuditLog
     result: SyncResult
     snapshot: Snapshot
-    chan: ChannelDir | None = None
 
 
-class Engine:
-    def __init__(self, config: Config, runtime: Runtime | None = None, policy: Policy | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
-        self.config = config
-        b = config.broker
-        self.runtime: Runtime = runtime or PodmanRuntime(b.podman, b.podman_timeout)
-        self.policy = policy or Policy(config)
-        self.clock = clock
+# -- intake ------------------------------------------------------------------------------------
 
-    # -- entry points --------------------------------------------------------------------------
 
-    def sync_all(self) -> list[SyncResult]:
-        return [self.sync(name) for name in sorted(self.config.channels)]
+def _quarantine(s: _Sync, chan: ChannelDir, entry: Entry, rid: str | None, reason: str,
+                code: str = "bad_request") -> None:
+    where = chan.quarantine(entry)
+    s.audit.record("quarantine", rid, reason, code=code, file=where)
+    s.result.quarantined += 1
 
-    def sync(self, name: str, wait: bool = True) -> SyncResult:
-        """Serve a channel's pending requests and reconcile its sidecars. Raises ChannelLocked when
-        another sync holds the channel and `wait` is false."""
-        channel = self.config.channel(name)
-        b = self.config.broker
-        with ChannelState.locked(str(b.state_dir), name, wait=wait) as state:
-            s = _Sync(channel, state, AuditLog(state.audit_path, name), SyncResult(name),
-                      Snapshot(self.runtime, name))
-            try:
-                with ChannelDir.of(b.channels_dir, name, state.quarantine_path) as chan:
-                    s.chan = chan
-                    for what, where in chan.repaired:
-                        s.audit.record("quarantine", None, f"{what} was not a plain directory: moved aside and "
-                                       "laid out again", code="bad_request", file=where)
-                    self._drain(s, chan)
-                    self._reconcile(s)
-                    self._publish_status(s, chan)
-                    chan.prune_replies(b.reply_ttl)
-                    chan.prune_tmp()
-                    chan.prune_quarantine()
-                    state.compact()
-            except ChannelUnsafe as e:
-                # The channel's layout was tampered with: serve nothing through it, but still keep
-                # its sidecars converged.
-                s.audit.record("deny", None, f"channel directory unsafe: {e}", code="bad_request")
-                s.result.errors.append(str(e))
-                self._reconcile(s)
-            finally:
-                s.audit.flush()
-        return s.result
-
-    # -- drain ---------------------------------------------------------------------------------
-
-    def _drain(self, s: _Sync, chan: ChannelDir) -> None:
-        budget = s.channel.max_requests_per_run
-        first = True
-        while budget > 0:
-            entries, waiting = chan.pending(min(BATCH, budget))
-            if not entries:
-                return
-            if first and waiting > s.channel.max_pending:
-                self._refuse_excess(s, chan, waiting)
-                entries, waiting = chan.pending(min(BATCH, budget))
-            first = False
-            self._batch(s, chan, entries)
-            budget -= len(entries)
-        _, waiting = chan.pending(0)
-        s.result.deferred = waiting  # left for the next run, which the path unit / watch starts at once
-
-    def _refuse_excess(self, s: _Sync, chan: ChannelDir, waiting: int) -> None:
-        """A flood: refuse the newest requests beyond max_pending with `quota`, cheaply."""
-        entries, _ = chan.pending(waiting)
-        excess = [entries[i] for i in flood_excess(s.channel, [e.rid for e in entries], s.state.ledger)]
-        done = []
-        for e in excess:
-            if e.rid is not None:
-                reply = Reply.failure(e.rid, ErrorCode.QUOTA, f"more than {s.channel.max_pending} requests pending")
-                chan.write_reply(reply.to_dict(), fsync=False)
-                done.append(Done(e.rid, "", reply.to_dict()))
-        os.sync()  # one flush for all the refusals instead of one fsync each
-        s.state.complete(done)
-        for e in excess:
-            chan.quarantine(e) if e.rid is None else chan.remove(e)
-        s.audit.record("deny", None, f"flood: refused {len(excess)} requests beyond max_pending "
-                       f"({s.channel.max_pending})", code="quota")
-        s.result.refused += len(excess)
-
-    def _batch(self, s: _Sync, chan: ChannelDir, entries: list[Entry]) -> None:
-        intake = self._intake(s, chan, entries)
-        # Claim durably before acting: a crash from here on replays without acting twice.
-        s.state.claim([Claim(i.request.id, i.digest) for i in intake.incoming if not i.interrupted])
-        outcomes = self._serve(s, intake.incoming)
-        self._publish(s, chan, intake.answered, outcomes)
-
-    # -- intake: everything here is hostile input ----------------------------------------------
-
-    def _quarantine(self, s: _Sync, chan: ChannelDir, entry: Entry, rid: str | None, reason: str,
-                    code: str = "bad_request") -> None:
-        where = chan.quarantine(entry)
-        s.audit.record("quarantine", rid, reason, code=code, file=where)
-        s.result.quarantined += 1
-
-    def _intake(self, s: _Sync, chan: ChannelDir, entries: list[Entry]) -> Intake:
-        intake = Intake()
-        for entry in entries:
-            if entry.rid is None:
-                self._quarantine(s, chan, entry, None, f"inbox entry {entry.name[:80]!r} is not named ID.json")
-                continue
-            prior = s.state.ledger.get(entry.rid)
-            try:
-                raw = chan.read(entry, s.channel.max_request_bytes)
-            except FileNotFoundError:
-                continue  # withdrawn by the client after its timeout
-            except (SafespawnError, OSError) as e:
-                err = e if isinstance(e, SafespawnError) else BadRequest(f"unreadable inbox entry: {e.strerror}")
-                if judge_id(prior, None) is IdVerdict.ANSWERED:
-                    # DENY: an id that was already answered keeps its first reply.
-                    self._quarantine(s, chan, entry, entry.rid, f"{err.message} (id already answered)",
-                                     err.code.value)
-                    continue
-                self._quarantine(s, chan, entry, entry.rid, err.message, err.code.value)
-                intake.answered.append(Answered(entry.rid, "", Reply.failure(entry.rid, err.code, err.message)))
-                continue
-            digest = hashlib.sha256(raw).hexdigest()
-            verdict = judge_id(prior, digest)
-            if verdict is IdVerdict.REPLAY:
-                assert prior is not None and prior.reply is not None  # what REPLAY means
-                if not chan.has_reply(entry.rid):
-                    chan.write_reply(prior.reply)
-                chan.remove(entry)
-                s.audit.record("replay", entry.rid, "answered from the ledger")
-                s.result.replayed += 1
-                continue
-            if verdict is IdVerdict.ANSWERED:
-                self._quarantine(s, chan, entry, entry.rid, "id collides with an earlier request")
-                continue
-            try:
-                req = parse_request(raw, entry.rid)
-            except BadRequest as e:
-                self._quarantine(s, chan, entry, entry.rid, e.message, e.code.value)
-                intake.answered.append(Answered(entry.rid, digest, Reply.failure(entry.rid, e.code, e.message)))
-                continue
-            intake.incoming.append(Incoming(entry, req, digest, verdict is IdVerdict.INTERRUPTED))
-        return intake
-
-    # -- decide, act, verify -------------------------------------------------------------------
-
-    def _serve(self, s: _Sync, incoming: list[Incoming]) -> list[Outcome]:
-        if not incoming:
-            return []
+def intake(s: _Sync, chan: ChannelDir, entries: list[Entry]) -> Intake:
+    """Read, check against the ledger and parse each entry; everything here is hostile input."""
+    intake = Intake()
+    for entry in entries:
+        if entry.rid is None:
+            _quarantine(s, chan, entry, None, f"inbox entry {entry.name[:80]!r} is not named ID.json")
+            continue
+        prior = s.state.ledger.get(entry.rid)
         try:
-            containers = s.snapshot.containers()
-        except RuntimeFailed as e:
-            # podman itself is broken: answer now rather than leave the agents waiting.
-            s.result.errors.append(e.message)
-            return [Outcome(i, None, Reply.failure(i.request.id, e.code, e.message)) for i in incoming]
-        planned = self._decide(s, incoming, containers)
-        acted = self._act(s, planned, containers)
-        outcomes = self._verify(s, acted, containers)
-        self._update_desired(s.state, outcomes)
-        s.state.save_desired()
-        # The next batch and reconcile list afresh: a sidecar may die right after its check, and
-        # reconcile must see that rather than what this batch believes it left.
-        s.snapshot.invalidate()
-        return outcomes
+            raw = chan.read(entry, s.channel.max_request_bytes)
+        except FileNotFoundError:
+            continue  # withdrawn by the client after its timeout
+        except (SafespawnError, OSError) as e:
+            err = e if isinstance(e, SafespawnError) else BadRequest(f"unreadable inbox entry: {e.strerror}")
+            if judge_id(prior, None) is IdVerdict.ANSWERED:
+                # DENY: an id that was already answered keeps its first reply.
+                _quarantine(s, chan, entry, entry.rid, f"{err.message} (id already answered)",
+                                 err.code.value)
+                continue
+            _quarantine(s, chan, entry, entry.rid, err.message, err.code.value)
+            intake.answered.append(Answered(entry.rid, "", Reply.failure(entry.rid, err.code, err.message)))
+            continue
+        digest = hashlib.sha256(raw).hexdigest()
+        verdict = judge_id(prior, digest)
+        if verdict is IdVerdict.REPLAY:
+            assert prior is not None and prior.reply is not None  # what REPLAY means
+            if not chan.has_reply(entry.rid):
+                chan.write_reply(prior.reply)
+            chan.remove(entry)
+            s.audit.record("replay", entry.rid, "answered from the ledger")
+            s.result.replayed += 1
+            continue
+        if verdict is IdVerdict.ANSWERED:
+            _quarantine(s, chan, entry, entry.rid, "id collides with an earlier request")
+            continue
+        try:
+            req = parse_request(raw, entry.rid)
+        except BadRequest as e:
+            _quarantine(s, chan, entry, entry.rid, e.message, e.code.value)
+            intake.answered.append(Answered(entry.rid, digest, Reply.failure(entry.rid, e.code, e.message)))
+            continue
+        intake.incoming.append(Incoming(entry, req, digest, verdict is IdVerdict.INTERRUPTED))
+    return intake
 
-    def _decide(self, s: _Sync, incoming: list[Incoming], containers: dict[str, Container]) -> list[Planned]:
-        """The policy's gate for every request, in order, against one view of the channel."""
-        view = ChannelView(containers, set(s.state.desired))
-        planned = []
-        for i in incoming:
-            try:
-                planned.append(Planned(i, self.policy.decide(s.channel, i.request, view, i.interrupted)))
-            except SafespawnError as e:
-                planned.append(Planned(i, None, Reply.failure(i.request.id, e.code, e.message)))
-        return planned
 
-    def _act(self, s: _Sync, planned: list[Planned], containers: dict[str, Container]) -> list[Acted]:
+
+# -- decide ------------------------------------------------------------------------------------
+
+
+def decide(policy: Policy, s: _Sync, incoming: list[Incoming], containers: dict[str, Container]) -> list[Planned]:
+    """The policy's gate for every request, in order, against one view of the channel."""
+    view = ChannelView(containers, set(s.state.desired))
+    planned = []
+    for i in incoming:
+        try:
+            planned.append(Planned(i, policy.decide(s.channel, i.request, view, i.interrupted)))
+        except SafespawnError as e:
+            planned.append(Planned(i, None, Reply.failure(i.request.id, e.code, e.message)))
+    return planned
+
+
+# -- act -----------------------------------------------------------------------------------------
+
+
+class Actor:
+    """Carries the decisions out through the runtime."""
+
+    def __init__(self, runtime: Runtime, workers: int) -> None:
+        self.runtime = runtime
+        self.workers = workers
+
+    def act(self, s: _Sync, planned: list[Planned], containers: dict[str, Container]) -> list[Acted]:
         """Carry the decisions out: in order per sidecar, in parallel across sidecars."""
         acted: dict[int, Acted] = {}
         groups: dict[str, list[tuple[int, Planned, Decision]]] = defaultdict(list)
@@ -353,20 +261,20 @@ class Engine:
         def run_group(group: list[tuple[int, Planned, Decision]]) -> None:
             for n, p, d in group:
                 try:
-                    acted[n] = self._act_one(p.incoming, d, containers)
+                    acted[n] = self._one(p.incoming, d, containers)
                 except SafespawnError as e:
                     if isinstance(e, RuntimeFailed):
                         s.snapshot.invalidate()  # what the failed call left behind is unknown
                     acted[n] = Acted(p.incoming, d, Reply.failure(p.incoming.request.id, e.code, e.message))
 
         if groups:
-            workers = max(1, min(self.config.broker.parallel_starts, len(groups)))
+            workers = max(1, min(self.workers, len(groups)))
             with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="safespawn-act") as pool:
                 for f in [pool.submit(run_group, g) for g in groups.values()]:
                     f.result()
         return [acted[n] for n in range(len(planned))]
 
-    def _act_one(self, i: Incoming, d: Decision, containers: dict[str, Container]) -> Acted:
+    def _one(self, i: Incoming, d: Decision, containers: dict[str, Container]) -> Acted:
         name = d.target
         c = containers.get(name)
         rid = i.request.id
@@ -390,13 +298,25 @@ class Engine:
             containers.pop(name, None)
         return Acted(i, d, Reply(rid, True, name, pid))
 
-    def _verify(self, s: _Sync, acted: list[Acted], containers: dict[str, Container]) -> list[Outcome]:
+
+# -- verify --------------------------------------------------------------------------------------
+
+
+class Verifier:
+    """After the starts: did each sidecar come up, and where (the policy's post-start check)?"""
+
+    def __init__(self, runtime: Runtime, policy: Policy, settle_ms: int) -> None:
+        self.runtime = runtime
+        self.policy = policy
+        self.settle_ms = settle_ms
+
+    def verify(self, acted: list[Acted], containers: dict[str, Container]) -> list[Outcome]:
         """One inspect after all starts: the reply carries the host pid, or why it did not run."""
         starts = [a for a in acted if a.reply is None]
         now: dict[str, Container] = {}
         if starts:
             if any(a.started for a in starts):
-                time.sleep(max(0, self.config.broker.start_settle_ms) / 1000)
+                time.sleep(max(0, self.settle_ms) / 1000)
             now = self.runtime.inspect(sorted({a.decision.target for a in starts if a.decision is not None}))
         outcomes = []
         for a in acted:
@@ -404,7 +324,7 @@ class Engine:
                 outcomes.append(Outcome(a.incoming, a.decision, a.reply, a.started))
                 continue
             assert isinstance(a.decision, Start)  # only a start waits for its reply
-            reply = self._verify_start(a.incoming.request.id, a.decision.spec, a.started, now.get(a.decision.target))
+            reply = self._start(a.incoming.request.id, a.decision.spec, a.started, now.get(a.decision.target))
             if reply.ok:
                 containers[a.decision.target] = now[a.decision.target]
             else:
@@ -412,7 +332,7 @@ class Engine:
             outcomes.append(Outcome(a.incoming, a.decision, reply, a.started))
         return outcomes
 
-    def _verify_start(self, rid: str, spec: SidecarSpec, started: bool, c: Container | None) -> Reply:
+    def _start(self, rid: str, spec: SidecarSpec, started: bool, c: Container | None) -> Reply:
         # A restart by podman's own restart policy already means it died once: report it, since it
         # would otherwise look "running" in the middle of a crash loop.
         if c is None:
@@ -435,51 +355,66 @@ class Engine:
             return Reply.failure(rid, e.code, e.message)
         return Reply(rid, True, spec.name, c.pid)
 
-    def _update_desired(self, state: ChannelState, outcomes: list[Outcome]) -> None:
-        for o in outcomes:
-            d = o.decision
-            if isinstance(d, Start) and o.reply.ok:
-                req = o.incoming.request
-                old = state.desired.get(d.target)
-                if old is None or old.argv != req.argv or old.netns != req.netns or o.started:
-                    state.desired[d.target] = DesiredSidecar(d.target, d.spec.profile, req.netns, req.argv,
-                                                             req.id, self.clock())
-            elif (isinstance(d, Start) and o.started) or (isinstance(d, Stop | Remove) and o.reply.ok):
-                # a start that created a container but failed, or a successful stop/kill
-                state.desired.pop(d.target, None)
 
-    # -- publish -------------------------------------------------------------------------------
+def update_desired(state: ChannelState, outcomes: list[Outcome], now: float) -> None:
+    """The desired state after a batch: what started is desired, what stopped is not."""
+    for o in outcomes:
+        d = o.decision
+        if isinstance(d, Start) and o.reply.ok:
+            req = o.incoming.request
+            old = state.desired.get(d.target)
+            if old is None or old.argv != req.argv or old.netns != req.netns or o.started:
+                state.desired[d.target] = DesiredSidecar(d.target, d.spec.profile, req.netns, req.argv,
+                                                         req.id, now)
+        elif (isinstance(d, Start) and o.started) or (isinstance(d, Stop | Remove) and o.reply.ok):
+            # a start that created a container but failed, or a successful stop/kill
+            state.desired.pop(d.target, None)
 
-    def _publish(self, s: _Sync, chan: ChannelDir, answered: list[Answered], outcomes: list[Outcome]) -> None:
-        """Record the replies durably, publish them, then remove the requests."""
-        for o in outcomes:
-            self._audit_outcome(s.audit, o)
-            if not o.reply.ok:
-                s.result.refused += 1
-        s.audit.flush()
-        s.state.complete([Done(a.rid, a.digest, a.reply.to_dict()) for a in answered]
-                         + [Done(o.incoming.request.id, o.incoming.digest, o.reply.to_dict()) for o in outcomes])
-        for a in answered:
-            chan.write_reply(a.reply.to_dict())
-        for o in outcomes:
-            chan.write_reply(o.reply.to_dict())
-        chan.sync_replies()
-        for o in outcomes:
-            chan.remove(o.incoming.entry)
-        s.result.handled += len(outcomes) + len(answered)
-        s.result.refused += len(answered)
+# -- publish -------------------------------------------------------------------------------
 
-    def _audit_outcome(self, audit: AuditLog, o: Outcome) -> None:
-        r = o.reply
-        req = o.incoming.request
-        audit.record("allow" if r.ok else "deny", req.id, "" if r.ok else (r.error.message if r.error else ""),
-                     code=r.error.code if r.error else None, op=req.op, profile=req.profile, netns=req.netns,
-                     sidecar=r.sidecar, pid=r.pid, signal=req.signal,
-                     argv=list(req.argv) if req.op == "start" else None)
 
-    # -- reconcile -----------------------------------------------------------------------------
+def publish(s: _Sync, chan: ChannelDir, answered: list[Answered], outcomes: list[Outcome]) -> None:
+    """Record the replies durably, publish them, then remove the requests."""
+    for o in outcomes:
+        _audit_outcome(s.audit, o)
+        if not o.reply.ok:
+            s.result.refused += 1
+    s.audit.flush()
+    s.state.complete([Done(a.rid, a.digest, a.reply.to_dict()) for a in answered]
+                     + [Done(o.incoming.request.id, o.incoming.digest, o.reply.to_dict()) for o in outcomes])
+    for a in answered:
+        chan.write_reply(a.reply.to_dict())
+    for o in outcomes:
+        chan.write_reply(o.reply.to_dict())
+    chan.sync_replies()
+    for o in outcomes:
+        chan.remove(o.incoming.entry)
+    s.result.handled += len(outcomes) + len(answered)
+    s.result.refused += len(answered)
 
-    def _reconcile(self, s: _Sync) -> None:
+def _audit_outcome(audit: AuditLog, o: Outcome) -> None:
+    r = o.reply
+    req = o.incoming.request
+    audit.record("allow" if r.ok else "deny", req.id, "" if r.ok else (r.error.message if r.error else ""),
+                 code=r.error.code if r.error else None, op=req.op, profile=req.profile, netns=req.netns,
+                 sidecar=r.sidecar, pid=r.pid, signal=req.signal,
+                 argv=list(req.argv) if req.op == "start" else None)
+
+
+# -- reconcile -----------------------------------------------------------------------------------
+
+
+class Reconciler:
+    """Keeps a channel's containers converged on its desired state."""
+
+    def __init__(self, runtime: Runtime, policy: Policy, clock: Callable[[], float]) -> None:
+        self.runtime = runtime
+        self.policy = policy
+        self.clock = clock
+
+    def reconcile(self, s: _Sync) -> None:
+        """Respawn desired sidecars that died (with backoff), drop those the policy no longer allows,
+        remove orphans and leftovers of the channel."""
         try:
             listing = s.snapshot.containers()
         except RuntimeFailed as e:
@@ -544,29 +479,144 @@ class Engine:
 
     # -- status --------------------------------------------------------------------------------
 
-    def _publish_status(self, s: _Sync, chan: ChannelDir) -> None:
+
+# -- status ------------------------------------------------------------------------------------
+
+
+def status_of(name: str, state: ChannelState, containers: dict[str, Container]) -> dict[str, Any]:
+    """outbox/status.json: the channel's desired sidecars and what their containers do now."""
+    sidecars = []
+    for d in sorted(state.desired.values(), key=lambda d: d.name):
+        c = containers.get(d.name)
+        sidecars.append({
+            "name": d.name, "profile": d.profile, "netns": d.netns,
+            "state": c.state if c else "absent", "pid": c.pid if c and c.running else None,
+            "started": int(d.since), "restarts": d.failures,
+        })
+    return {"v": 1, "channel": name, "updated": int(time.time()), "sidecars": sidecars}
+
+
+# -- the engine: one sync, phase after phase -------------------------------------------------------
+
+
+class Engine:
+    def __init__(self, config: Config, runtime: Runtime | None = None, policy: Policy | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        b = config.broker
+        self.runtime: Runtime = runtime or PodmanRuntime(b.podman, b.podman_timeout)
+        self.policy = policy or Policy(config)
+        self.clock = clock
+        self.actor = Actor(self.runtime, b.parallel_starts)
+        self.verifier = Verifier(self.runtime, self.policy, b.start_settle_ms)
+        self.reconciler = Reconciler(self.runtime, self.policy, clock)
+
+    def sync_all(self) -> list[SyncResult]:
+        return [self.sync(name) for name in sorted(self.config.channels)]
+
+    def sync(self, name: str, wait: bool = True) -> SyncResult:
+        """Serve a channel's pending requests and reconcile its sidecars. Raises ChannelLocked when
+        another sync holds the channel and `wait` is false."""
+        channel = self.config.channel(name)
+        b = self.config.broker
+        with ChannelState.locked(str(b.state_dir), name, wait=wait) as state:
+            s = _Sync(channel, state, AuditLog(state.audit_path, name), SyncResult(name),
+                      Snapshot(self.runtime, name))
+            try:
+                with ChannelDir.of(b.channels_dir, name, state.quarantine_path) as chan:
+                    for what, where in chan.repaired:
+                        s.audit.record("quarantine", None, f"{what} was not a plain directory: moved aside and "
+                                       "laid out again", code="bad_request", file=where)
+                    self._drain(s, chan)
+                    self.reconciler.reconcile(s)
+                    try:
+                        containers = s.snapshot.containers()
+                    except RuntimeFailed:
+                        containers = {}
+                    chan.write_status(status_of(name, state, containers))
+                    chan.prune_replies(b.reply_ttl)
+                    chan.prune_tmp()
+                    chan.prune_quarantine()
+                    state.compact()
+            except ChannelUnsafe as e:
+                # The channel's layout was tampered with: serve nothing through it, but still keep
+                # its sidecars converged.
+                s.audit.record("deny", None, f"channel directory unsafe: {e}", code="bad_request")
+                s.result.errors.append(str(e))
+                self.reconciler.reconcile(s)
+            finally:
+                s.audit.flush()
+        return s.result
+
+    def status(self, name: str) -> dict[str, Any]:
+        """A channel's status from its state and a fresh listing (outside a sync: `safespawn status`)."""
+        state = ChannelState.of(self.config.broker.state_dir, name)
+        state.load()
         try:
-            containers: dict[str, Container] | None = s.snapshot.containers()
+            containers = {c.name: c for c in self.runtime.list(name)}
         except RuntimeFailed:
             containers = {}
-        chan.write_status(self.status(s.channel.name, s.state, containers))
+        return status_of(name, state, containers)
 
-    def status(self, name: str, state: ChannelState | None = None,
-               containers: dict[str, Container] | None = None) -> dict[str, Any]:
-        if state is None:
-            state = ChannelState.of(self.config.broker.state_dir, name)
-            state.load()
-        if containers is None:
-            try:
-                containers = {c.name: c for c in self.runtime.list(name)}
-            except RuntimeFailed:
-                containers = {}
-        sidecars = []
-        for d in sorted(state.desired.values(), key=lambda d: d.name):
-            c = containers.get(d.name)
-            sidecars.append({
-                "name": d.name, "profile": d.profile, "netns": d.netns,
-                "state": c.state if c else "absent", "pid": c.pid if c and c.running else None,
-                "started": int(d.since), "restarts": d.failures,
-            })
-        return {"v": 1, "channel": name, "updated": int(time.time()), "sidecars": sidecars}
+    # -- drain ---------------------------------------------------------------------------------
+
+    def _drain(self, s: _Sync, chan: ChannelDir) -> None:
+        budget = s.channel.max_requests_per_run
+        first = True
+        while budget > 0:
+            entries, waiting = chan.pending(min(BATCH, budget))
+            if not entries:
+                return
+            if first and waiting > s.channel.max_pending:
+                self._refuse_excess(s, chan, waiting)
+                entries, waiting = chan.pending(min(BATCH, budget))
+            first = False
+            self._batch(s, chan, entries)
+            budget -= len(entries)
+        _, waiting = chan.pending(0)
+        s.result.deferred = waiting  # left for the next run, which the path unit / watch starts at once
+
+    def _refuse_excess(self, s: _Sync, chan: ChannelDir, waiting: int) -> None:
+        """A flood: refuse the newest requests beyond max_pending with `quota`, cheaply."""
+        entries, _ = chan.pending(waiting)
+        excess = [entries[i] for i in flood_excess(s.channel, [e.rid for e in entries], s.state.ledger)]
+        done = []
+        for e in excess:
+            if e.rid is not None:
+                reply = Reply.failure(e.rid, ErrorCode.QUOTA, f"more than {s.channel.max_pending} requests pending")
+                chan.write_reply(reply.to_dict(), fsync=False)
+                done.append(Done(e.rid, "", reply.to_dict()))
+        os.sync()  # one flush for all the refusals instead of one fsync each
+        s.state.complete(done)
+        for e in excess:
+            chan.quarantine(e) if e.rid is None else chan.remove(e)
+        s.audit.record("deny", None, f"flood: refused {len(excess)} requests beyond max_pending "
+                       f"({s.channel.max_pending})", code="quota")
+        s.result.refused += len(excess)
+
+    def _batch(self, s: _Sync, chan: ChannelDir, entries: list[Entry]) -> None:
+        """intake -> claim -> decide -> act -> verify -> desired state -> publish."""
+        taken = intake(s, chan, entries)
+        # Claim durably before acting: a crash from here on replays without acting twice.
+        s.state.claim([Claim(i.request.id, i.digest) for i in taken.incoming if not i.interrupted])
+        outcomes = self._serve(s, taken.incoming)
+        publish(s, chan, taken.answered, outcomes)
+
+    def _serve(self, s: _Sync, incoming: list[Incoming]) -> list[Outcome]:
+        if not incoming:
+            return []
+        try:
+            containers = s.snapshot.containers()
+        except RuntimeFailed as e:
+            # podman itself is broken: answer now rather than leave the agents waiting.
+            s.result.errors.append(e.message)
+            return [Outcome(i, None, Reply.failure(i.request.id, e.code, e.message)) for i in incoming]
+        planned = decide(self.policy, s, incoming, containers)
+        acted = self.actor.act(s, planned, containers)
+        outcomes = self.verifier.verify(acted, containers)
+        update_desired(s.state, outcomes, self.clock())
+        s.state.save_desired()
+        # The next batch and reconcile list afresh: a sidecar may die right after its check, and
+        # reconcile must see that rather than what this batch believes it left.
+        s.snapshot.invalidate()
+        return outcomes
