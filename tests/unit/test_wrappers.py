@@ -234,3 +234,15 @@ def test_option_value_reads_both_spellings() -> None:
     assert client.option_value(argv, "-p") == "/b"
     assert client.option_value(argv, "--namespace") == "qrouter-x"
     assert client.option_value(argv, "--nothing") is None
+
+
+def test_cli_install_takes_the_channel_dir_from_an_explicit_config_without_touching_the_environment(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tmp_path / "safespawn.toml"
+    cfg.write_text(f'[broker]\nchannels_dir = "{tmp_path}/given"\n'
+                   '[channels.neutron-l3]\nimage = "x:1"\nprofiles = ["keepalived"]\n')
+    monkeypatch.delenv("SAFESPAWN_CONFIG", raising=False)
+    before = dict(os.environ)
+    assert main(["--config", str(cfg), "wrappers", "install", "--channel", "neutron-l3", str(tmp_path / "a")]) == 0
+    assert f"CHANNEL_DIR = '{tmp_path}/given/neutron-l3'" in (tmp_path / "a" / "keepalived").read_text()
+    assert dict(os.environ) == before  # the config is passed as a value, not through the environment
