@@ -70,8 +70,12 @@ def test_watch_places_its_watch_again_when_inbox_new_is_replaced(tmp_path: Path)
     new = host.chdir / "inbox" / "new"
     with watching(host, interval=60, reconcile_interval=3600):
         time.sleep(0.3)
+        fresh = host.chdir / "inbox" / "fresh"
+        fresh.mkdir()
         os.rename(new, host.root / "old-new")
-        new.mkdir()
+        # rename() over an empty directory: fine too if the sync the move event started already laid
+        # out a new inbox/new in between.
+        os.rename(fresh, new)
         time.sleep(0.1)  # the next pass (after the move event) watches the new directory
         rid = host.write(host.start("b"))
         wait_for(lambda: host.reply(rid) is not None, 5)
