@@ -28,20 +28,14 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import pct  # noqa: E402  (also puts tests/ on sys.path)
 from support.broker import TEST_IMAGE, Broker  # noqa: E402
 from support.dockerd import DOCKER, PrivateDockerd  # noqa: E402
 
 from safespawn import client  # noqa: E402
 from safespawn.runtime import docker as docker_rt  # noqa: E402
 from safespawn.runtime import podman as podman_rt  # noqa: E402
-
-
-def pct(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
 
 
 def remove_bench_containers(cli: str, env: dict | None) -> None:

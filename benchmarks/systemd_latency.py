@@ -26,13 +26,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import pct, podman_baseline, podman_rm  # noqa: E402
 from support.usersystemd import UserManager, count_lines, wait_until, write_config  # noqa: E402
 
 from safespawn import client  # noqa: E402
@@ -40,11 +38,6 @@ from safespawn.config import load_config  # noqa: E402
 from safespawn.policy import Policy  # noqa: E402
 from safespawn.request import Request  # noqa: E402
 from safespawn.runtime.podman import run_argv  # noqa: E402
-
-
-def pct(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
 
 
 def _client(channel_dir: str, key: str, go: Any, out: Any) -> None:
@@ -55,24 +48,6 @@ def _client(channel_dir: str, key: str, go: Any, out: Any) -> None:
     except Exception as e:
         r = {"ok": False, "error": repr(e)}
     out.put((key, bool(r.get("ok")), time.monotonic() - t0, time.monotonic()))
-
-
-def podman_baseline(argvs: list[list[str]], parallel: int) -> float:
-    t0 = time.monotonic()
-
-    def run(argv: list[str]) -> None:
-        subprocess.run(argv, check=True, capture_output=True, timeout=120)
-
-    with ThreadPoolExecutor(max_workers=parallel) as pool:
-        list(pool.map(run, argvs))
-    return time.monotonic() - t0
-
-
-def podman_rm(label: str) -> None:
-    ids = subprocess.run(["podman", "ps", "-aq", "--filter", f"label={label}"], capture_output=True, text=True,
-                         timeout=120, check=False).stdout.split()
-    if ids:
-        subprocess.run(["podman", "rm", "-f", "-t", "0", *ids], capture_output=True, timeout=600, check=False)
 
 
 def main() -> int:

@@ -1,6 +1,7 @@
 """safespawn: let a container ask its host to run allowlisted sidecar containers, safely.
 
-The public surface is small: the configuration, the policy, the engine and the client.
+The public surface is small: the configuration, the policy, the engine and the runtime interface it
+drives, the client, and the error tree (errors.py). tests/unit/test_public_surface.py pins it.
 
 The names are imported on first use (PEP 562): dockerd runs `safespawn-oci-runtime` for every runc
 call of every Docker sidecar (create, start, state, kill, delete), and most of those only exec runc,
@@ -17,10 +18,14 @@ if TYPE_CHECKING:
     from .engine import Engine, SyncResult
     from .errors import (
         BadRequest,
+        ChannelLocked,
+        ChannelUnsafe,
         ConfigError,
         ErrorCode,
         ExitCode,
+        InstallError,
         Interrupted,
+        NoBroker,
         NotFound,
         PolicyDenied,
         QuotaExceeded,
@@ -29,25 +34,28 @@ if TYPE_CHECKING:
     )
     from .policy import Policy, Profile, load_profile
     from .request import Reply, Request, parse_request
+    from .runtime import Container, PodmanRuntime, Runtime
     from .sidecar import SidecarSpec
 
 _WHERE = {
     "config": ("ChannelConfig", "Config", "load_config", "parse_config"),
     "engine": ("Engine", "SyncResult"),
-    "errors": ("BadRequest", "ConfigError", "ErrorCode", "ExitCode", "Interrupted", "NotFound", "PolicyDenied",
-               "QuotaExceeded", "RuntimeFailed", "SafespawnError"),
+    "errors": ("BadRequest", "ChannelLocked", "ChannelUnsafe", "ConfigError", "ErrorCode", "ExitCode",
+               "InstallError", "Interrupted", "NoBroker", "NotFound", "PolicyDenied", "QuotaExceeded",
+               "RuntimeFailed", "SafespawnError"),
     "policy": ("Policy", "Profile", "load_profile"),
     "request": ("Reply", "Request", "parse_request"),
+    "runtime": ("Container", "PodmanRuntime", "Runtime"),
     "sidecar": ("SidecarSpec",),
 }
 _MODULE_OF = {name: mod for mod, names in _WHERE.items() for name in names}
 
 __version__ = "0.1.0"
 __all__ = [
-    "BadRequest", "ChannelConfig", "Config", "ConfigError", "Engine", "ErrorCode", "ExitCode", "Interrupted",
-    "NotFound", "Policy", "PolicyDenied", "Profile", "QuotaExceeded", "Reply", "Request", "RuntimeFailed",
-    "SafespawnError", "SidecarSpec", "SyncResult", "load_config", "load_profile", "parse_config",
-    "parse_request",
+    "BadRequest", "ChannelConfig", "ChannelLocked", "ChannelUnsafe", "Config", "ConfigError", "Container", "Engine",
+    "ErrorCode", "ExitCode", "InstallError", "Interrupted", "NoBroker", "NotFound", "PodmanRuntime", "Policy",
+    "PolicyDenied", "Profile", "QuotaExceeded", "Reply", "Request", "Runtime", "RuntimeFailed", "SafespawnError",
+    "SidecarSpec", "SyncResult", "load_config", "load_profile", "parse_config", "parse_request",
 ]
 
 

@@ -1,29 +1,53 @@
-"""The `safespawn` command line."""
+"""The `safespawn` command line: every subcommand's arguments, and one dispatch path.
+
+`build_parser` declares every subcommand; each sets `run` to a handler `(args) -> exit code`, and
+`main` calls it, turning the host-side errors into exit codes in one place::
+
+    ConfigError   -> CONFIG    "safespawn: configuration error: ..."
+    InstallError  -> FAILED    "safespawn COMMAND: ..."
+
+The host-side modules are imported by the handlers that need them, so that `safespawn submit` (the
+agent side) starts without loading the engine.
+"""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import client
 from .audit import read_recent
-from .config import Config, config_path, load_config
-from .errors import ConfigError, ExitCode
+from .config import BrokerConfig, Config, config_path, load_config
+from .errors import ChannelLocked, ConfigError, ExitCode, InstallError
+from .inbox import ChannelDir
 from .state import ChannelState
 
+if TYPE_CHECKING:
+    from .engine import Engine
+
 log = logging.getLogger("safespawn")
+Handler = Callable[[argparse.Namespace], int]
 
 
-def _engine(cfg: Config) -> Any:
+def _engine(cfg: Config) -> Engine:
     from .engine import Engine
 
     return Engine(cfg)
+
+
+def _with_config(fn: Callable[[argparse.Namespace, Config], int]) -> Handler:
+    """A handler that needs the host configuration (from --config, $SAFESPAWN_CONFIG or the default)."""
+
+    def run(args: argparse.Namespace) -> int:
+        return fn(args, load_config(args.config))
+
+    return run
 
 
 def cmd_sync(args: argparse.Namespace, cfg: Config) -> int:
@@ -38,7 +62,7 @@ def cmd_sync(args: argparse.Namespace, cfg: Config) -> int:
     for n in names:
         try:
             r = engine.sync(n, wait=not args.no_wait)
-        except BlockingIOError:
+        except ChannelLocked:
             log.info("channel %s is being synced by another process", n)
             rc = ExitCode.LOCKED
             continue
@@ -53,7 +77,8 @@ def cmd_sync(args: argparse.Namespace, cfg: Config) -> int:
 def cmd_watch(args: argparse.Namespace, cfg: Config) -> int:
     from .watch import watch
 
-    watch(_engine(cfg), interval=args.interval, reconcile_interval=args.reconcile_interval)
+    watch(_engine(cfg), interval=args.interval, reconcile_interval=args.reconcile_interval,
+          use_inotify=not args.poll)
     return ExitCode.OK
 
 
@@ -64,7 +89,7 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
     for n in names:
         cfg.channel(n)
         st = engine.status(n)
-        st["refusals"] = read_recent(os.path.join(str(cfg.broker.state_dir), n, "audit.log"), limit=args.refusals)
+        st["refusals"] = read_recent(ChannelState.of(cfg.broker.state_dir, n).audit_path, limit=args.refusals)
         out.append(st)
     if args.json:
         print(json.dumps(out if not args.channel else out[0], indent=1))
@@ -85,6 +110,7 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
+    """Agent side: needs no host configuration."""
     if args.op == "start":
         # `start PROFILE [--netns NS] -- ARGS...`: everything after `--` is the program's. argparse
         # drops the `--` itself when it comes first, so leading --netns options are taken here.
@@ -158,7 +184,7 @@ def cmd_doctor(args: argparse.Namespace, cfg: Config) -> int:
         check(c.ok, c.what, c.fix)
     check(os.path.isdir(cfg.broker.netns_dir), f"{cfg.broker.netns_dir} exists", "ip netns add creates it")
     for ch in cfg.channels.values():
-        base = cfg.broker.channels_dir / ch.name
+        base = Path(ChannelDir.path_of(cfg.broker.channels_dir, ch.name))
         for sub in ("inbox/new", "inbox/tmp", "outbox/replies"):
             p2 = base / sub
             check(p2.is_dir() and not p2.is_symlink(), f"{p2} is a directory", "run `safespawn install`")
@@ -166,14 +192,64 @@ def cmd_doctor(args: argparse.Namespace, cfg: Config) -> int:
             with ChannelState.locked(str(cfg.broker.state_dir), ch.name, wait=False):
                 pass
             check(True, f"state dir of {ch.name} usable")
-        except BlockingIOError:
+        except ChannelLocked:
             check(True, f"state dir of {ch.name} usable (a sync holds it now)")
         except OSError as e:
             check(False, f"state dir of {ch.name} usable", str(e))
     return ExitCode.OK if problems == 0 else ExitCode.FAILED
 
 
+def cmd_install(args: argparse.Namespace, cfg: Config) -> int:
+    from .install import install
+    from .units import default_executable, default_unit_dir
+
+    channels = args.channels or sorted(cfg.channels)
+    if not channels:
+        raise InstallError(f"no channels in {cfg.path}: nothing to install")
+    return install(cfg, scope=args.scope, channels=channels,
+                   unit_dir=Path(args.unit_dir) if args.unit_dir else default_unit_dir(args.scope),
+                   executable=args.executable or default_executable(),
+                   config_file=os.path.abspath(config_path(args.config)), dry_run=args.dry_run)
+
+
+def cmd_uninstall(args: argparse.Namespace, cfg: Config) -> int:
+    from .install import uninstall
+
+    return uninstall(cfg, scope=args.scope, unit_dir=Path(args.unit_dir) if args.unit_dir else None,
+                     stop_sidecars=args.stop_sidecars, dry_run=args.dry_run)
+
+
+def cmd_rearm(args: argparse.Namespace) -> int:
+    from .units import rearm
+
+    return rearm(args.scope)
+
+
+def cmd_wrappers_install(args: argparse.Namespace) -> int:
+    from . import wrappers
+
+    channel_dir = args.channel_dir
+    if channel_dir is None:
+        # The agent sees the channel at the host's path by default; without a configuration file
+        # the default channels_dir is that path.
+        try:
+            channels_dir = load_config(args.config).broker.channels_dir
+        except ConfigError:
+            channels_dir = BrokerConfig().channels_dir
+        channel_dir = wrappers.default_channel_dir(channels_dir, args.channel)
+    if not os.path.isabs(channel_dir):
+        print(f"safespawn wrappers install: --channel-dir {channel_dir!r} must be absolute", file=sys.stderr)
+        return ExitCode.USAGE
+    changed = wrappers.install(args.dir, args.channel, os.path.normpath(channel_dir), args.python)
+    # The Ansible role reads ": N file(s) written" to report changed/ok: keep the wording.
+    print(f"{args.dir}: {len(changed)} file(s) written for channel {args.channel} ({channel_dir})")
+    return ExitCode.OK
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .units import SCOPES
+    from .wrappers import DEFAULT_PYTHON
+
     p = argparse.ArgumentParser(prog="safespawn", description="Run allowlisted sidecar containers for "
                                 "less trusted containers, through a file channel.")
     p.add_argument("--config", help=f"configuration file (default: $SAFESPAWN_CONFIG or {config_path()})")
@@ -184,19 +260,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("channels", nargs="*")
     s.add_argument("--all", action="store_true", help="every configured channel")
     s.add_argument("--no-wait", action="store_true", help="skip a channel another sync holds")
+    s.set_defaults(run=_with_config(cmd_sync))
 
-    s = sub.add_parser("watch", help="sync channels as requests arrive (hosts without systemd)")
-    s.add_argument("--interval", type=float, default=0.05, help="seconds between inbox polls")
+    s = sub.add_parser("watch", help="lay out the channels and sync them as requests arrive (hosts without "
+                       "systemd)")
+    s.add_argument("--interval", type=float, default=0.05,
+                   help="seconds between inbox polls when inotify is not available")
     s.add_argument("--reconcile-interval", type=float, default=None, help="seconds between full syncs")
+    s.add_argument("--poll", action="store_true", help="poll the inboxes instead of waiting on inotify events")
+    s.set_defaults(run=_with_config(cmd_watch))
 
     s = sub.add_parser("status", help="show the sidecars of channels")
     s.add_argument("channel", nargs="?")
     s.add_argument("--json", action="store_true")
     s.add_argument("--refusals", type=int, default=5, help="how many recent refusals to show")
+    s.set_defaults(run=_with_config(cmd_status))
 
     s = sub.add_parser("submit", help="client side: submit a request to a channel and wait for its reply")
     s.add_argument("--channel-dir", required=True)
     s.add_argument("--timeout", type=float, default=client.DEFAULT_TIMEOUT)
+    s.set_defaults(run=cmd_submit)
     ops = s.add_subparsers(dest="op", required=True)
     o = ops.add_parser("start")
     o.add_argument("profile")
@@ -212,14 +295,51 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--netns")
     o.add_argument("--pid", type=int)
 
-    sub.add_parser("check-config", help="validate the configuration and the profiles it names")
-    sub.add_parser("doctor", help="check that this host can run safespawn")
-    for module in ("units", "wrappers"):
-        try:
-            mod = importlib.import_module(f"safespawn.{module}")
-        except ImportError:
-            continue
-        mod.add_parsers(sub)
+    s = sub.add_parser("check-config", help="validate the configuration and the profiles it names")
+    s.set_defaults(run=_with_config(cmd_check_config))
+    s = sub.add_parser("doctor", help="check that this host can run safespawn")
+    s.set_defaults(run=_with_config(cmd_doctor))
+
+    s = sub.add_parser("install", help="create the channels' directories and install the systemd units",
+                       description="Create each channel's directories (inbox writable by the agent, outbox "
+                       "read-only to it, host-private state 0700), write the systemd units, reload the "
+                       "manager, enable and start them. Idempotent: a second run changes nothing.")
+    s.add_argument("--scope", choices=SCOPES, default="system",
+                   help="the system manager (production) or the calling user's manager (tests, demos)")
+    s.add_argument("--channel", dest="channels", action="extend", nargs="+", metavar="CH",
+                   help="only these channels (default: every configured channel)")
+    s.add_argument("--dry-run", action="store_true", help="print what would change, change nothing")
+    s.add_argument("--unit-dir", help="where to write the units (default: /etc/systemd/system, or "
+                   "$XDG_CONFIG_HOME/systemd/user for --scope user); must be on the manager's search path")
+    s.add_argument("--executable", help="absolute path of the safespawn command the units run "
+                   "(default: the one running now)")
+    s.set_defaults(run=_with_config(cmd_install))
+
+    s = sub.add_parser("uninstall", help="remove the systemd units and the directories install created",
+                       description="Disable and remove the units and the directories `install` created. "
+                       "Running sidecars (and the state that describes them) are left alone unless "
+                       "--stop-sidecars is given.")
+    s.add_argument("--scope", choices=SCOPES, default=None, help="default: the scope install used")
+    s.add_argument("--stop-sidecars", action="store_true", help="also remove every sidecar of the channels")
+    s.add_argument("--dry-run", action="store_true", help="print what would change, change nothing")
+    s.add_argument("--unit-dir", help="default: where install wrote them")
+    s.set_defaults(run=_with_config(cmd_uninstall))
+
+    s = sub.add_parser("rearm", help="restart safespawn-sync@ path units that systemd put in the failed state "
+                       "(run by safespawn-reconcile.service)")
+    s.add_argument("--scope", choices=SCOPES, default="system")
+    s.set_defaults(run=cmd_rearm)
+
+    s = sub.add_parser("wrappers", help="Neutron drop-in wrappers and kill scripts for an agent container")
+    ops = s.add_subparsers(dest="wrappers_op", required=True)
+    i = ops.add_parser("install", help="write the wrappers, kill scripts and client file into DIR")
+    i.add_argument("--channel", required=True, help="the channel the agent's requests go to")
+    i.add_argument("--channel-dir", help="the channel's directory as the agent sees it "
+                   "(default: the host config's channels_dir/CHANNEL)")
+    i.add_argument("--python", default=DEFAULT_PYTHON,
+                   help=f"the agent image's Python 3.9+ interpreter for the #! line (default: {DEFAULT_PYTHON})")
+    i.add_argument("dir", help="the directory to write into (mounted read-only into the agent)")
+    i.set_defaults(run=cmd_wrappers_install)
     return p
 
 
@@ -228,21 +348,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="safespawn: %(levelname)s %(message)s", stream=sys.stderr)
-    if args.command == "submit":
-        return cmd_submit(args)
-    handlers = {"sync": cmd_sync, "watch": cmd_watch, "status": cmd_status, "check-config": cmd_check_config,
-                "doctor": cmd_doctor}
+    run: Handler = args.run
     try:
-        if args.config:
-            os.environ["SAFESPAWN_CONFIG"] = args.config
-        if hasattr(args, "handler"):
-            rc: int = args.handler(args)
-            return rc
-        cfg = load_config(args.config)
-        return handlers[args.command](args, cfg)
+        return int(run(args))
     except ConfigError as e:
         print(f"safespawn: configuration error: {e}", file=sys.stderr)
         return ExitCode.CONFIG
+    except InstallError as e:
+        print(f"safespawn {args.command}: {e}", file=sys.stderr)
+        return ExitCode.FAILED
 
 
 if __name__ == "__main__":

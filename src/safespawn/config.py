@@ -84,6 +84,10 @@ class Config:
             raise ConfigError(f"no channel {name!r} in {self.path or 'the configuration'}") from None
 
 
+# The defaults of a channel's optional keys, stated once in the dataclass.
+_CHANNEL = ChannelConfig(name="", image="", profiles=())
+
+
 def config_path(explicit: str | None = None) -> Path:
     return Path(explicit or os.environ.get("SAFESPAWN_CONFIG") or DEFAULT_CONFIG)
 
@@ -128,14 +132,14 @@ def _parse_channel(name: str, t: dict[str, Any]) -> ChannelConfig:
         image=image,
         profiles=tuple(profiles),
         data_dirs=data_dirs,
-        max_sidecars=_positive(_take(t, "max_sidecars", int, where, 256), f"{where}.max_sidecars"),
-        max_requests_per_run=_positive(
-            _take(t, "max_requests_per_run", int, where, 1000), f"{where}.max_requests_per_run"),
-        max_pending=_positive(_take(t, "max_pending", int, where, 4096), f"{where}.max_pending"),
-        max_request_bytes=_positive(
-            _take(t, "max_request_bytes", int, where, 65536), f"{where}.max_request_bytes"),
-        agent_uid=_take(t, "agent_uid", int, where, 0),
-        agent_gid=_take(t, "agent_gid", int, where, 0),
+        max_sidecars=_positive(_take(t, "max_sidecars", int, where, _CHANNEL.max_sidecars), f"{where}.max_sidecars"),
+        max_requests_per_run=_positive(_take(t, "max_requests_per_run", int, where, _CHANNEL.max_requests_per_run),
+                                       f"{where}.max_requests_per_run"),
+        max_pending=_positive(_take(t, "max_pending", int, where, _CHANNEL.max_pending), f"{where}.max_pending"),
+        max_request_bytes=_positive(_take(t, "max_request_bytes", int, where, _CHANNEL.max_request_bytes),
+                                    f"{where}.max_request_bytes"),
+        agent_uid=_take(t, "agent_uid", int, where, _CHANNEL.agent_uid),
+        agent_gid=_take(t, "agent_gid", int, where, _CHANNEL.agent_gid),
     )
     if t:
         raise ConfigError(f"{where}: unknown keys {', '.join(sorted(t))}")
@@ -146,23 +150,29 @@ def parse_config(data: dict[str, Any], path: Path | None = None) -> Config:
     data = dict(data)
     b = dict(data.pop("broker", {}))
     where = "broker"
+    d = BrokerConfig()  # the defaults, stated once in the dataclass
+
+    def directory(key: str, default: Path) -> Path:
+        return Path(_abs_dir(_take(b, key, str, where, str(default)), f"broker.{key}"))
+
+    def positive(key: str, default: int) -> int:
+        return _positive(_take(b, key, int, where, default), f"broker.{key}")
+
     broker = BrokerConfig(
-        channels_dir=Path(_abs_dir(_take(b, "channels_dir", str, where, "/var/lib/safespawn/channels"),
-                                   "broker.channels_dir")),
-        state_dir=Path(_abs_dir(_take(b, "state_dir", str, where, "/var/lib/safespawn/state"), "broker.state_dir")),
-        profiles_dir=Path(_abs_dir(_take(b, "profiles_dir", str, where, "/etc/safespawn/profiles"),
-                                   "broker.profiles_dir")),
-        netns_dir=Path(_abs_dir(_take(b, "netns_dir", str, where, "/run/netns"), "broker.netns_dir")),
-        runtime=_take(b, "runtime", str, where, "podman"),
-        podman=_take(b, "podman", str, where, "podman"),
-        docker=_take(b, "docker", str, where, "docker"),
-        docker_host=_take(b, "docker_host", str, where, ""),
-        docker_oci_runtime=_take(b, "docker_oci_runtime", str, where, "safespawn"),
-        parallel_starts=_positive(_take(b, "parallel_starts", int, where, 4), "broker.parallel_starts"),
-        reply_ttl=_positive(_take(b, "reply_ttl", int, where, 600), "broker.reply_ttl"),
-        reconcile_interval=_positive(_take(b, "reconcile_interval", int, where, 60), "broker.reconcile_interval"),
-        podman_timeout=_positive(_take(b, "podman_timeout", int, where, 60), "broker.podman_timeout"),
-        start_settle_ms=_take(b, "start_settle_ms", int, where, 200),
+        channels_dir=directory("channels_dir", d.channels_dir),
+        state_dir=directory("state_dir", d.state_dir),
+        profiles_dir=directory("profiles_dir", d.profiles_dir),
+        netns_dir=directory("netns_dir", d.netns_dir),
+        runtime=_take(b, "runtime", str, where, d.runtime),
+        podman=_take(b, "podman", str, where, d.podman),
+        docker=_take(b, "docker", str, where, d.docker),
+        docker_host=_take(b, "docker_host", str, where, d.docker_host),
+        docker_oci_runtime=_take(b, "docker_oci_runtime", str, where, d.docker_oci_runtime),
+        parallel_starts=positive("parallel_starts", d.parallel_starts),
+        reply_ttl=positive("reply_ttl", d.reply_ttl),
+        reconcile_interval=positive("reconcile_interval", d.reconcile_interval),
+        podman_timeout=positive("podman_timeout", d.podman_timeout),
+        start_settle_ms=_take(b, "start_settle_ms", int, where, d.start_settle_ms),
     )
     if broker.runtime not in RUNTIMES:
         raise ConfigError(f"broker.runtime: {broker.runtime[:40]!r} is not one of {', '.join(RUNTIMES)}")

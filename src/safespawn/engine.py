@@ -1,14 +1,24 @@
 """The sync engine: drain a channel's inbox, act through the runtime, reply, reconcile.
 
-One sync of a channel, under its lock:
-    1. drain, batch by batch until the inbox is empty (or the per-run limit is reached):
-       read each entry safely -> parse -> ledger check (replay) -> claim (durable)
-       -> policy -> act through the runtime (in parallel across sidecars)
-       -> desired state (durable) -> ledger "done" with the reply (durable)
-       -> publish the reply -> remove the request
-    2. reconcile: respawn desired sidecars that died (with backoff), drop those whose netns is
-       gone or whose policy no longer allows them, remove orphans and leftovers of the channel
-    3. publish outbox/status.json
+One sync of a channel, under its lock, in phases that each hand a typed value to the next:
+
+    drain, batch by batch until the inbox is empty (or the per-run limit is reached):
+      intake     read each entry safely, check its id against the ledger (replay, collision),
+                 parse it                                   -> Intake (Incoming + Answered)
+      claim      record the ids durably before anything is acted on
+      decide     the policy's one gate, per request, against the channel's view -> Planned
+      act        carry the decisions out through the runtime, in order per sidecar and in
+                 parallel across sidecars                   -> Acted
+      verify     one inspect after the starts: still running, not in the host's netns -> Outcome
+      publish    desired state (durable), ledger "done" with the replies (durable), the replies,
+                 then the requests are removed
+    reconcile    respawn desired sidecars that died (with backoff), drop those the policy no longer
+                 allows, remove orphans and leftovers of the channel
+    status       outbox/status.json
+
+The channel's containers are listed in one place (`Snapshot`): once for each batch that acts, and
+once for reconcile and status together (so an idle sync lists once). Within a batch the snapshot
+follows what the batch did; a runtime failure makes it stale, and the next use lists again.
 
 A crash at any step loses nothing: the request stays in the inbox until its reply is durable, and
 the ledger answers a replayed request with its first reply instead of acting twice.
@@ -21,38 +31,36 @@ import logging
 import os
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from .audit import AuditLog
 from .config import ChannelConfig, Config
-from .errors import BadRequest, ErrorCode, Interrupted, NotFound, QuotaExceeded, RuntimeFailed, SafespawnError
-from .inbox import ChannelDir, ChannelUnsafe, Entry
-from .policy import Policy, host_netns_ids
+from .errors import BadRequest, ChannelUnsafe, ErrorCode, RuntimeFailed, SafespawnError
+from .inbox import ChannelDir, Entry
+from .policy import (
+    ChannelView,
+    Decision,
+    IdVerdict,
+    Policy,
+    Remove,
+    Signal,
+    Start,
+    Stop,
+    flood_excess,
+    judge_id,
+)
 from .request import Reply, Request, parse_request
 from .runtime import Container, Runtime, make_runtime
-from .sidecar import LABEL_PROFILE, SidecarSpec
-from .state import ChannelState, DesiredSidecar
+from .sidecar import SidecarSpec
+from .state import ChannelState, Claim, DesiredSidecar, Done
 
 log = logging.getLogger(__name__)
 BATCH = 256
 # The id of a listing entry for a container this batch started (its real id and pid come later).
 STARTED_IN_BATCH = "(started in this batch)"
-
-
-@dataclass
-class Item:
-    entry: Entry
-    request: Request
-    digest: str
-    interrupted: bool = False
-    target: str = ""
-    spec: SidecarSpec | None = None
-    action: str = ""  # start | deliver | stop | remove
-    signal: str = ""
-    reply: Reply | None = None
-    started: bool = False  # a container was (re)created for this start
 
 
 @dataclass
@@ -68,371 +76,364 @@ class SyncResult:
     errors: list[str] = field(default_factory=list)
 
 
-class Engine:
-    def __init__(self, config: Config, runtime: Runtime | None = None, policy: Policy | None = None) -> None:
-        self.config = config
-        b = config.broker
-        self.runtime: Runtime = runtime or make_runtime(b)
-        self.policy = policy or Policy(config)
-        self.host_ns = host_netns_ids()
+# -- what the phases hand each other -------------------------------------------------------------
 
-    # -- entry points --------------------------------------------------------------------------
 
-    def sync_all(self) -> list[SyncResult]:
-        return [self.sync(name) for name in sorted(self.config.channels)]
+@dataclass(frozen=True)
+class Incoming:
+    """A request read and parsed, ready for the gate."""
 
-    def sync(self, name: str, wait: bool = True) -> SyncResult:
-        channel = self.config.channel(name)
-        b = self.config.broker
-        result = SyncResult(name)
-        with ChannelState.locked(str(b.state_dir), name, wait=wait) as state:
-            audit = AuditLog(state.audit_path, name)
-            try:
-                with ChannelDir(str(b.channels_dir / name), state.quarantine_path) as chan:
-                    for what, where in chan.repaired:
-                        audit.record("quarantine", None, f"{what} was not a plain directory: moved aside and "
-                                     "laid out again", code="bad_request", file=where)
-                    self._drain(channel, chan, state, audit, result)
-                    self._reconcile(channel, state, audit, result)
-                    self._publish_status(channel, chan, state)
-                    chan.prune_replies(b.reply_ttl)
-                    chan.prune_tmp()
-                    chan.prune_quarantine()
-                    state.compact()
-            except ChannelUnsafe as e:
-                # The channel's layout was tampered with: serve nothing through it, but still keep
-                # its sidecars converged.
-                audit.record("deny", None, f"channel directory unsafe: {e}", code="bad_request")
-                result.errors.append(str(e))
-                self._reconcile(channel, state, audit, result)
-            finally:
-                audit.flush()
-        return result
+    entry: Entry
+    request: Request
+    digest: str
+    interrupted: bool = False  # claimed before a crash: a delivery is not repeated
 
-    # -- drain ---------------------------------------------------------------------------------
 
-    def _drain(self, channel: ChannelConfig, chan: ChannelDir, state: ChannelState, audit: AuditLog,
-               result: SyncResult) -> None:
-        budget = channel.max_requests_per_run
-        first = True
-        while budget > 0:
-            entries, waiting = chan.pending(min(BATCH, budget))
-            if not entries:
-                return
-            if first and waiting > channel.max_pending:
-                self._refuse_excess(channel, chan, state, audit, result, waiting)
-                entries, waiting = chan.pending(min(BATCH, budget))
-            first = False
-            self._batch(channel, chan, state, audit, result, entries)
-            budget -= len(entries)
-        _, waiting = chan.pending(0)
-        result.deferred = waiting  # left for the next run, which the path unit / watch starts at once
+@dataclass(frozen=True)
+class Answered:
+    """An inbox entry answered without acting (unreadable or malformed)."""
 
-    def _refuse_excess(self, channel: ChannelConfig, chan: ChannelDir, state: ChannelState, audit: AuditLog,
-                       result: SyncResult, waiting: int) -> None:
-        """A flood: refuse the newest requests beyond max_pending with `quota`, cheaply."""
-        entries, _ = chan.pending(waiting)
-        # An id the ledger knows (answered, or claimed before a crash) keeps its normal path: a
-        # replay or an interrupted request must still get its one reply.
-        excess = [e for e in entries[channel.max_pending:] if e.rid is None or e.rid not in state.ledger]
-        answered = []
-        for e in excess:
-            if e.rid is not None:
-                reply = Reply.failure(e.rid, ErrorCode.QUOTA, f"more than {channel.max_pending} requests pending")
-                chan.write_reply(reply.to_dict(), fsync=False)
-                answered.append((e.rid, "", reply.to_dict()))
-        os.sync()  # one flush for all the refusals instead of one fsync each
-        state.complete(answered)
-        for e in excess:
-            chan.quarantine(e) if e.rid is None else chan.remove(e)
-        audit.record("deny", None, f"flood: refused {len(excess)} requests beyond max_pending "
-                     f"({channel.max_pending})", code="quota")
-        result.refused += len(excess)
+    rid: str
+    digest: str
+    reply: Reply
 
-    def _batch(self, channel: ChannelConfig, chan: ChannelDir, state: ChannelState, audit: AuditLog,
-               result: SyncResult, entries: list[Entry]) -> None:
-        items: list[Item] = []
-        done: list[tuple[str, str, dict[str, Any]]] = []  # (id, digest, reply) answered without acting
 
-        # 1. read, parse, ledger check -- everything here is hostile input.
-        for entry in entries:
-            if entry.rid is None:
-                where = chan.quarantine(entry)
-                audit.record("quarantine", None, f"inbox entry {entry.name[:80]!r} is not named ID.json",
-                             code="bad_request", file=where)
-                result.quarantined += 1
+@dataclass
+class Intake:
+    incoming: list[Incoming] = field(default_factory=list)
+    answered: list[Answered] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Planned:
+    """The gate's answer for one request: a decision, or the refusal."""
+
+    incoming: Incoming
+    decision: Decision | None
+    refusal: Reply | None = None
+
+
+@dataclass(frozen=True)
+class Acted:
+    """A decision carried out. `reply` is None for a start, whose reply comes from `verify`."""
+
+    incoming: Incoming
+    decision: Decision | None
+    reply: Reply | None
+    started: bool = False  # a container was (re)created for this start
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A request's final reply, with what was decided and done for it."""
+
+    incoming: Incoming
+    decision: Decision | None
+    reply: Reply
+    started: bool = False
+
+
+class Snapshot:
+    """The channel's containers during one sync: listed when first needed, then kept up to date
+    with what the sync did. After a runtime failure the effect is unknown, so the next use lists again."""
+
+    def __init__(self, runtime: Runtime, channel: str) -> None:
+        self.runtime = runtime
+        self.channel = channel
+        self._containers: dict[str, Container] | None = None
+
+    def containers(self) -> dict[str, Container]:
+        """By name; raises RuntimeFailed if the runtime cannot list them."""
+        if self._containers is None:
+            self._containers = {c.name: c for c in self.runtime.list(self.channel)}
+        return self._containers
+
+    def forget(self, name: str) -> None:
+        """`name` was removed."""
+        if self._containers is not None:
+            self._containers.pop(name, None)
+
+    def invalidate(self) -> None:
+        self._containers = None
+
+
+@dataclass
+class _Sync:
+    """One sync of one channel: what every phase works on."""
+
+    channel: ChannelConfig
+    state: ChannelState
+    audit: AuditLog
+    result: SyncResult
+    snapshot: Snapshot
+
+
+# -- intake ------------------------------------------------------------------------------------
+
+
+def _quarantine(s: _Sync, chan: ChannelDir, entry: Entry, rid: str | None, reason: str,
+                code: str = "bad_request") -> None:
+    where = chan.quarantine(entry)
+    s.audit.record("quarantine", rid, reason, code=code, file=where)
+    s.result.quarantined += 1
+
+def intake(s: _Sync, chan: ChannelDir, entries: list[Entry]) -> Intake:
+    """Read, check against the ledger and parse each entry; everything here is hostile input."""
+    intake = Intake()
+    for entry in entries:
+        if entry.rid is None:
+            _quarantine(s, chan, entry, None, f"inbox entry {entry.name[:80]!r} is not named ID.json")
+            continue
+        prior = s.state.ledger.get(entry.rid)
+        try:
+            raw = chan.read(entry, s.channel.max_request_bytes)
+        except FileNotFoundError:
+            continue  # withdrawn by the client after its timeout
+        except (SafespawnError, OSError) as e:
+            err = e if isinstance(e, SafespawnError) else BadRequest(f"unreadable inbox entry: {e.strerror}")
+            if judge_id(prior, None) is IdVerdict.ANSWERED:
+                # DENY: an id that was already answered keeps its first reply.
+                _quarantine(s, chan, entry, entry.rid, f"{err.message} (id already answered)",
+                                 err.code.value)
                 continue
-            try:
-                raw = chan.read(entry, channel.max_request_bytes)
-            except FileNotFoundError:
-                continue  # withdrawn by the client after its timeout
-            except (SafespawnError, OSError) as e:
-                code, msg = ((e.code, e.message) if isinstance(e, SafespawnError)
-                             else (ErrorCode.BAD_REQUEST, f"unreadable inbox entry: {e.strerror}"))
-                prior = state.ledger.get(entry.rid)
-                where = chan.quarantine(entry)
-                result.quarantined += 1
-                if prior is not None and prior.state == "done":
-                    # DENY: an id that was already answered keeps its first reply.
-                    audit.record("quarantine", entry.rid, f"{msg} (id already answered)", code=code.value,
-                                 file=where)
-                    continue
-                reply = Reply.failure(entry.rid, code, msg)
-                audit.record("quarantine", entry.rid, msg, code=code.value, file=where)
-                done.append((entry.rid, "", reply.to_dict()))
-                continue
-            digest = hashlib.sha256(raw).hexdigest()
-            prior = state.ledger.get(entry.rid)
-            if prior is not None and prior.state == "done":
-                if prior.digest == digest and prior.reply is not None:
-                    # A replay (the host crashed after replying, before removing the request).
-                    if not chan.has_reply(entry.rid):
-                        chan.write_reply(prior.reply)
-                    chan.remove(entry)
-                    audit.record("replay", entry.rid, "answered from the ledger")
-                    result.replayed += 1
-                else:
-                    # DENY: a different request reusing an answered id must not overwrite its reply.
-                    where = chan.quarantine(entry)
-                    audit.record("quarantine", entry.rid, "id collides with an earlier request",
-                                 code="bad_request", file=where)
-                    result.quarantined += 1
-                continue
-            try:
-                req = parse_request(raw, entry.rid)
-            except BadRequest as e:
-                where = chan.quarantine(entry)
-                audit.record("quarantine", entry.rid, e.message, code=e.code.value, file=where)
-                result.quarantined += 1
-                done.append((entry.rid, digest, Reply.failure(entry.rid, e.code, e.message).to_dict()))
-                continue
-            interrupted = prior is not None and prior.state == "claimed" and prior.digest == digest
-            items.append(Item(entry, req, digest, interrupted=interrupted))
+            _quarantine(s, chan, entry, entry.rid, err.message, err.code.value)
+            intake.answered.append(Answered(entry.rid, "", Reply.failure(entry.rid, err.code, err.message)))
+            continue
+        digest = hashlib.sha256(raw).hexdigest()
+        verdict = judge_id(prior, digest)
+        if verdict is IdVerdict.REPLAY:
+            assert prior is not None and prior.reply is not None  # what REPLAY means
+            if not chan.has_reply(entry.rid):
+                chan.write_reply(prior.reply)
+            chan.remove(entry)
+            s.audit.record("replay", entry.rid, "answered from the ledger")
+            s.result.replayed += 1
+            continue
+        if verdict is IdVerdict.ANSWERED:
+            _quarantine(s, chan, entry, entry.rid, "id collides with an earlier request")
+            continue
+        try:
+            req = parse_request(raw, entry.rid)
+        except BadRequest as e:
+            _quarantine(s, chan, entry, entry.rid, e.message, e.code.value)
+            intake.answered.append(Answered(entry.rid, digest, Reply.failure(entry.rid, e.code, e.message)))
+            continue
+        intake.incoming.append(Incoming(entry, req, digest, verdict is IdVerdict.INTERRUPTED))
+    return intake
 
-        # 2. claim durably before acting: a crash from here on replays without acting twice.
-        state.claim([(it.request.id, it.digest) for it in items if not it.interrupted])
 
-        # 3. decide and act.
-        listing: dict[str, Container] | None = None
-        if items:
-            try:
-                listing = {c.name: c for c in self.runtime.list(channel.name)}
-            except RuntimeFailed as e:
-                # podman itself is broken: answer now rather than leave the agents waiting.
-                for it in items:
-                    it.reply = Reply.failure(it.request.id, e.code, e.message)
-                result.errors.append(e.message)
-        if listing is not None:
-            self._plan(channel, state, items, listing, audit)
-            self._act(channel, items, listing)
-            self._finish_starts(channel, state, items, audit)
-            self._update_desired(state, items)
-            state.save_desired()
 
-        # 4. record the replies durably, publish them, then remove the requests.
-        for it in items:
-            assert it.reply is not None
-            self._audit_item(audit, it)
-            if not it.reply.ok:
-                result.refused += 1
-        audit.flush()
-        state.complete(done + [(it.request.id, it.digest, it.reply.to_dict()) for it in items if it.reply])
-        for _, _, r in done:
-            chan.write_reply(r)
-        for it in items:
-            assert it.reply is not None
-            chan.write_reply(it.reply.to_dict())
-        chan.sync_replies()
-        for it in items:
-            chan.remove(it.entry)
-        result.handled += len(items) + len(done)
-        result.refused += len(done)
+# -- decide ------------------------------------------------------------------------------------
 
-    def _audit_item(self, audit: AuditLog, it: Item) -> None:
-        r = it.reply
-        assert r is not None
-        req = it.request
-        audit.record("allow" if r.ok else "deny", req.id, "" if r.ok else (r.error.message if r.error else ""),
-                     code=r.error.code if r.error else None, op=req.op, profile=req.profile, netns=req.netns,
-                     sidecar=r.sidecar, pid=r.pid, signal=req.signal,
-                     argv=list(req.argv) if req.op == "start" else None)
 
-    def _plan(self, channel: ChannelConfig, state: ChannelState, items: list[Item],
-              listing: dict[str, Container], audit: AuditLog) -> None:
-        """Policy for every item, in order; sets each item's target and action, or its refusal."""
-        by_pid = {c.pid: c for c in listing.values() if c.running}
-        desired = set(state.desired)
-        for it in items:
-            req = it.request
-            try:
-                if req.op == "start":
-                    it.spec = self.policy.authorize_start(channel, req)
-                    it.target, it.action = it.spec.name, "start"
-                    if it.target not in desired and len(desired) >= channel.max_sidecars:
-                        raise QuotaExceeded(f"channel {channel.name} already runs {channel.max_sidecars} sidecars")
-                    desired.add(it.target)
-                    continue
-                if req.pid is not None:
-                    c = by_pid.get(req.pid)
-                    # DENY: a pid that is not one of this channel's running sidecars (a host process,
-                    # another channel's sidecar, a pid reused after a sidecar died).
-                    if c is None or (req.profile is not None and c.labels.get(LABEL_PROFILE) != req.profile):
-                        raise NotFound(f"no sidecar of channel {channel.name} has pid {req.pid}")
-                    it.target, profile = c.name, c.labels.get(LABEL_PROFILE, "")
-                else:
-                    it.target, profile = self.policy.target_name(channel, req), str(req.profile)
-                    if it.target not in listing and it.target not in desired:
-                        raise NotFound(f"no sidecar {it.target}")
-                if req.op == "stop":
-                    self.policy.profile_for(channel, profile)
-                    it.action = "stop"
-                else:
-                    assert req.signal is not None
-                    d = self.policy.authorize_signal(channel, profile, req.signal)
-                    it.action, it.signal = d.action, d.signal
-                    if d.action == "deliver":
-                        c = listing.get(it.target)
-                        if c is None or not c.running:
-                            raise NotFound(f"sidecar {it.target} is not running")
-                        if it.interrupted:
-                            # At most once: the broker died while delivering; do not deliver twice.
-                            raise Interrupted("the broker was interrupted while delivering this signal; "
-                                                 "it may or may not have been delivered")
-                if it.action in ("stop", "remove"):
-                    desired.discard(it.target)
-            except SafespawnError as e:
-                it.reply = Reply.failure(req.id, e.code, e.message)
+def decide(policy: Policy, s: _Sync, incoming: list[Incoming], containers: dict[str, Container]) -> list[Planned]:
+    """The policy's gate for every request, in order, against one view of the channel."""
+    view = ChannelView(containers, set(s.state.desired))
+    planned = []
+    for i in incoming:
+        try:
+            planned.append(Planned(i, policy.decide(s.channel, i.request, view, i.interrupted)))
+        except SafespawnError as e:
+            planned.append(Planned(i, None, Reply.failure(i.request.id, e.code, e.message)))
+    return planned
 
-    def _act(self, channel: ChannelConfig, items: list[Item], listing: dict[str, Container]) -> None:
-        """Run the planned actions: in order per sidecar, in parallel across sidecars."""
-        groups: dict[str, list[Item]] = defaultdict(list)
-        for it in items:
-            if it.reply is None:
-                groups[it.target].append(it)
-        if not groups:
-            return
 
-        def run_group(group: list[Item]) -> None:
-            for it in group:
+# -- act -----------------------------------------------------------------------------------------
+
+
+class Actor:
+    """Carries the decisions out through the runtime."""
+
+    def __init__(self, runtime: Runtime, workers: int) -> None:
+        self.runtime = runtime
+        self.workers = workers
+
+    def act(self, s: _Sync, planned: list[Planned], containers: dict[str, Container]) -> list[Acted]:
+        """Carry the decisions out: in order per sidecar, in parallel across sidecars."""
+        acted: dict[int, Acted] = {}
+        groups: dict[str, list[tuple[int, Planned, Decision]]] = defaultdict(list)
+        for n, p in enumerate(planned):
+            if p.decision is None:
+                acted[n] = Acted(p.incoming, None, p.refusal)
+            else:
+                groups[p.decision.target].append((n, p, p.decision))
+
+        def run_group(group: list[tuple[int, Planned, Decision]]) -> None:
+            for n, p, d in group:
                 try:
-                    self._act_one(it, listing)
+                    acted[n] = self._one(p.incoming, d, containers)
                 except SafespawnError as e:
-                    it.reply = Reply.failure(it.request.id, e.code, e.message)
+                    if isinstance(e, RuntimeFailed):
+                        s.snapshot.invalidate()  # what the failed call left behind is unknown
+                    acted[n] = Acted(p.incoming, d, Reply.failure(p.incoming.request.id, e.code, e.message))
 
-        workers = max(1, min(self.config.broker.parallel_starts, len(groups)))
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="safespawn-act") as pool:
-            for f in [pool.submit(run_group, g) for g in groups.values()]:
-                f.result()
+        if groups:
+            workers = max(1, min(self.workers, len(groups)))
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="safespawn-act") as pool:
+                for f in [pool.submit(run_group, g) for g in groups.values()]:
+                    f.result()
+        return [acted[n] for n in range(len(planned))]
 
-    def _act_one(self, it: Item, listing: dict[str, Container]) -> None:
-        name = it.target
-        c = listing.get(name)
-        if it.action == "start":
-            assert it.spec is not None
-            if c is not None and c.spec_hash == it.spec.spec_hash and (c.running or c.id == STARTED_IN_BATCH):
-                return  # the same sidecar already runs: nothing to do (reply filled in later)
+    def _one(self, i: Incoming, d: Decision, containers: dict[str, Container]) -> Acted:
+        name = d.target
+        c = containers.get(name)
+        rid = i.request.id
+        if isinstance(d, Start):
+            if c is not None and c.spec_hash == d.spec.spec_hash and (c.running or c.id == STARTED_IN_BATCH):
+                return Acted(i, d, None)  # the same sidecar already runs: nothing to do
             if c is not None:
                 self.runtime.remove(name)  # different spec, or exited/created: replace it
-            self.runtime.run(it.spec)
-            it.started = True
+            self.runtime.run(d.spec)
             # Later requests of this batch for the same sidecar see what was just started.
-            listing[name] = Container(STARTED_IN_BATCH, name, "created", 0, it.spec.labels)
-        elif it.action == "deliver":
-            self.runtime.signal(name, it.signal)
-            it.reply = Reply(it.request.id, True, name, c.pid if c else None)
-        elif it.action == "stop":
-            grace = it.spec.stop_grace if it.spec else self._grace(name, c)
-            self.runtime.stop(name, grace)
-            it.reply = Reply(it.request.id, True, name, c.pid if c else None)
-            listing.pop(name, None)
-        elif it.action == "remove":
+            containers[name] = Container(STARTED_IN_BATCH, name, "created", 0, d.spec.labels)
+            return Acted(i, d, None, started=True)
+        pid = c.pid if c else None
+        if isinstance(d, Signal):
+            self.runtime.signal(name, d.signal)
+        elif isinstance(d, Stop):
+            self.runtime.stop(name, d.grace)
+            containers.pop(name, None)
+        elif isinstance(d, Remove):
             self.runtime.remove(name)
-            it.reply = Reply(it.request.id, True, name, c.pid if c else None)
-            listing.pop(name, None)
+            containers.pop(name, None)
+        return Acted(i, d, Reply(rid, True, name, pid))
 
-    def _grace(self, name: str, c: Container | None) -> int:
-        profile = c.labels.get(LABEL_PROFILE) if c else None
-        p = self.policy.profiles.get(profile or "")
-        return p.stop_grace if p else 10
 
-    def _finish_starts(self, channel: ChannelConfig, state: ChannelState, items: list[Item],
-                       audit: AuditLog) -> None:
+# -- verify --------------------------------------------------------------------------------------
+
+
+class Verifier:
+    """After the starts: did each sidecar come up, and where (the policy's post-start check)?"""
+
+    def __init__(self, runtime: Runtime, policy: Policy, settle_ms: int) -> None:
+        self.runtime = runtime
+        self.policy = policy
+        self.settle_ms = settle_ms
+
+    def verify(self, acted: list[Acted], containers: dict[str, Container]) -> list[Outcome]:
         """One inspect after all starts: the reply carries the host pid, or why it did not run."""
-        starts = [it for it in items if it.action == "start" and it.reply is None]
-        if not starts:
-            return
-        if any(it.started for it in starts):
-            time.sleep(max(0, self.config.broker.start_settle_ms) / 1000)
-        now = self.runtime.inspect(sorted({it.target for it in starts}))
-        for it in starts:
-            c = now.get(it.target)
-            # A restart by podman's own restart policy already means it died once: report it, since
-            # it would otherwise look "running" in the middle of a crash loop.
-            if c is None:
-                why = "is not running"
-            elif not c.running:
-                why = f"exited with code {c.exit_code}"
-            elif it.started and c.restarts > 0:
-                why = f"exited and was restarted {c.restarts} time(s)"
+        starts = [a for a in acted if a.reply is None]
+        now: dict[str, Container] = {}
+        if starts:
+            if any(a.started for a in starts):
+                time.sleep(max(0, self.settle_ms) / 1000)
+            now = self.runtime.inspect(sorted({a.decision.target for a in starts if a.decision is not None}))
+        outcomes = []
+        for a in acted:
+            if a.reply is not None:
+                outcomes.append(Outcome(a.incoming, a.decision, a.reply, a.started))
+                continue
+            assert isinstance(a.decision, Start)  # only a start waits for its reply
+            reply = self._start(a.incoming.request.id, a.decision.spec, a.started, now.get(a.decision.target))
+            if reply.ok:
+                containers[a.decision.target] = now[a.decision.target]
             else:
-                why = ""
-            if why or c is None:
-                logs = self.runtime.logs(it.target) if c else ""
-                self.runtime.remove(it.target)
-                msg = f"sidecar {it.target} {why}" + (f": {logs[-400:]}" if logs else "")
-                it.reply = Reply.failure(it.request.id, ErrorCode.RUNTIME_FAILED, msg)
-                continue
-            if not self._netns_is_private(c.pid):
-                # DENY: the netns was swapped for the host's between the check and the start.
-                self.runtime.remove(it.target)
-                it.reply = Reply.failure(it.request.id, ErrorCode.POLICY_DENIED,
-                                         "the sidecar ended up in the host's network namespace; removed")
-                continue
-            it.reply = Reply(it.request.id, True, it.target, c.pid)
+                containers.pop(a.decision.target, None)
+            outcomes.append(Outcome(a.incoming, a.decision, reply, a.started))
+        return outcomes
 
-    def _netns_is_private(self, pid: int) -> bool:
+    def _start(self, rid: str, spec: SidecarSpec, started: bool, c: Container | None) -> Reply:
+        # A restart by podman's own restart policy already means it died once: report it, since it
+        # would otherwise look "running" in the middle of a crash loop.
+        if c is None:
+            why = "is not running"
+        elif not c.running:
+            why = f"exited with code {c.exit_code}"
+        elif started and c.restarts > 0:
+            why = f"exited and was restarted {c.restarts} time(s)"
+        else:
+            why = ""
+        if c is None or why:
+            logs = self.runtime.logs(spec.name) if c else ""
+            self.runtime.remove(spec.name)
+            msg = f"sidecar {spec.name} {why}" + (f": {logs[-400:]}" if logs else "")
+            return Reply.failure(rid, ErrorCode.RUNTIME_FAILED, msg)
         try:
-            st = os.stat(f"/proc/{pid}/ns/net")
-        except OSError:
-            return True  # not visible from here (no shared pid namespace): podman joined the path we checked
-        return (st.st_dev, st.st_ino) not in self.host_ns
+            self.policy.verify_started(c.pid)
+        except SafespawnError as e:
+            self.runtime.remove(spec.name)
+            return Reply.failure(rid, e.code, e.message)
+        return Reply(rid, True, spec.name, c.pid)
 
-    def _update_desired(self, state: ChannelState, items: list[Item]) -> None:
-        for it in items:
-            assert it.reply is not None
-            req = it.request
-            if it.action == "start" and it.reply.ok:
-                old = state.desired.get(it.target)
-                if old is None or old.argv != req.argv or old.netns != req.netns or it.started:
-                    state.desired[it.target] = DesiredSidecar(it.target, str(req.profile), req.netns, req.argv,
-                                                              req.id, time.time())
-            elif (it.action == "start" and it.started) or (it.action in ("stop", "remove") and it.reply.ok):
-                # a start that created a container but failed, or a successful stop/kill
-                state.desired.pop(it.target, None)
 
-    # -- reconcile -----------------------------------------------------------------------------
+def update_desired(state: ChannelState, outcomes: list[Outcome], now: float) -> None:
+    """The desired state after a batch: what started is desired, what stopped is not."""
+    for o in outcomes:
+        d = o.decision
+        if isinstance(d, Start) and o.reply.ok:
+            req = o.incoming.request
+            old = state.desired.get(d.target)
+            if old is None or old.argv != req.argv or old.netns != req.netns or o.started:
+                state.desired[d.target] = DesiredSidecar(d.target, d.spec.profile, req.netns, req.argv,
+                                                         req.id, now)
+        elif (isinstance(d, Start) and o.started) or (isinstance(d, Stop | Remove) and o.reply.ok):
+            # a start that created a container but failed, or a successful stop/kill
+            state.desired.pop(d.target, None)
 
-    def _reconcile(self, channel: ChannelConfig, state: ChannelState, audit: AuditLog,
-                   result: SyncResult) -> None:
+# -- publish -------------------------------------------------------------------------------
+
+
+def publish(s: _Sync, chan: ChannelDir, answered: list[Answered], outcomes: list[Outcome]) -> None:
+    """Record the replies durably, publish them, then remove the requests."""
+    for o in outcomes:
+        _audit_outcome(s.audit, o)
+        if not o.reply.ok:
+            s.result.refused += 1
+    s.audit.flush()
+    s.state.complete([Done(a.rid, a.digest, a.reply.to_dict()) for a in answered]
+                     + [Done(o.incoming.request.id, o.incoming.digest, o.reply.to_dict()) for o in outcomes])
+    for a in answered:
+        chan.write_reply(a.reply.to_dict())
+    for o in outcomes:
+        chan.write_reply(o.reply.to_dict())
+    chan.sync_replies()
+    for o in outcomes:
+        chan.remove(o.incoming.entry)
+    s.result.handled += len(outcomes) + len(answered)
+    s.result.refused += len(answered)
+
+def _audit_outcome(audit: AuditLog, o: Outcome) -> None:
+    r = o.reply
+    req = o.incoming.request
+    audit.record("allow" if r.ok else "deny", req.id, "" if r.ok else (r.error.message if r.error else ""),
+                 code=r.error.code if r.error else None, op=req.op, profile=req.profile, netns=req.netns,
+                 sidecar=r.sidecar, pid=r.pid, signal=req.signal,
+                 argv=list(req.argv) if req.op == "start" else None)
+
+
+# -- reconcile -----------------------------------------------------------------------------------
+
+
+class Reconciler:
+    """Keeps a channel's containers converged on its desired state."""
+
+    def __init__(self, runtime: Runtime, policy: Policy, clock: Callable[[], float]) -> None:
+        self.runtime = runtime
+        self.policy = policy
+        self.clock = clock
+
+    def reconcile(self, s: _Sync) -> None:
+        """Respawn desired sidecars that died (with backoff), drop those the policy no longer allows,
+        remove orphans and leftovers of the channel."""
         try:
-            listing = {c.name: c for c in self.runtime.list(channel.name)}
+            listing = s.snapshot.containers()
         except RuntimeFailed as e:
-            result.errors.append(e.message)
+            s.result.errors.append(e.message)
             return
-        now = time.time()
+        state, audit = s.state, s.audit
+        now = self.clock()
         changed = False
         to_start: list[tuple[DesiredSidecar, SidecarSpec]] = []
         for name, d in list(state.desired.items()):
             c = listing.get(name)
             try:
-                spec = self.policy.authorize_start(channel, Request(d.request_id or "0" * 32, "start", d.profile,
-                                                                    d.netns, d.argv))
+                spec = self.policy.authorize_respawn(s.channel, d)
             except SafespawnError as e:
                 # The netns is gone, or the host's policy no longer allows it: drop it.
                 del state.desired[name]
                 changed = True
                 if c is not None:
-                    self._remove_quiet(name, result)
+                    self._remove_quiet(s, name)
                 audit.record("reconcile", d.request_id, f"dropped {name}: {e.message}", sidecar=name)
                 continue
             if c is not None and c.running and c.spec_hash == spec.spec_hash:
@@ -443,63 +444,186 @@ class Engine:
             if now < d.next_retry:
                 continue
             to_start.append((d, spec))
-        for name, c in listing.items():
+        for name, c in list(listing.items()):
             if name not in state.desired:
                 # An orphan of this channel (its request was stopped, or it never became desired),
                 # or a leftover Created/Exited container.
-                self._remove_quiet(name, result)
+                self._remove_quiet(s, name)
                 audit.record("reconcile", None, f"removed {name} ({c.state}): not desired", sidecar=name)
         for d, spec in to_start:
             try:
                 if spec.name in listing:
                     self.runtime.remove(spec.name)
                 self.runtime.run(spec)
-                result.respawned += 1
+                s.result.respawned += 1
                 audit.record("reconcile", d.request_id, f"respawned {spec.name}", sidecar=spec.name)
             except RuntimeFailed as e:
-                result.errors.append(e.message)
+                s.result.errors.append(e.message)
                 audit.record("reconcile", d.request_id, f"respawn of {spec.name} failed: {e.message}",
                              sidecar=spec.name)
             state.desired[d.name] = d.failed(now)
             changed = True
+        if to_start:
+            s.snapshot.invalidate()  # the respawned containers' pids are known only to a new listing
         if changed:
             state.save_desired()
 
-    def _remove_quiet(self, name: str, result: SyncResult) -> None:
+    def _remove_quiet(self, s: _Sync, name: str) -> None:
         try:
             self.runtime.remove(name)
-            result.removed += 1
+            s.result.removed += 1
+            s.snapshot.forget(name)
         except RuntimeFailed as e:
-            result.errors.append(e.message)
+            s.result.errors.append(e.message)
+            s.snapshot.invalidate()
 
-    # -- status --------------------------------------------------------------------------------
+# -- status ------------------------------------------------------------------------------------
 
-    def _publish_status(self, channel: ChannelConfig, chan: ChannelDir, state: ChannelState) -> None:
-        chan.write_status(self.status(channel.name, state))
 
-    def status(self, name: str, state: ChannelState | None = None) -> dict[str, Any]:
-        if state is None:
-            state = ChannelState(os.path.join(str(self.config.broker.state_dir), name))
-            state.load()
+def status_of(name: str, state: ChannelState, containers: dict[str, Container],
+              refresh: float) -> dict[str, Any]:
+    """outbox/status.json: the channel's desired sidecars and what their containers do now.
+
+    `refresh`: the host republishes at least this often; an older status is stale."""
+    sidecars = []
+    for d in sorted(state.desired.values(), key=lambda d: d.name):
+        c = containers.get(d.name)
+        running = c is not None and c.running
+        sidecars.append({
+            "name": d.name, "profile": d.profile, "netns": d.netns,
+            "key": d.name[len(name) + len(d.profile) + 2:],
+            "state": c.state if c else "absent", "pid": c.pid if c and running else None,
+            "started": int(d.since), "restarts": d.failures,
+            # Changes whenever the running process is replaced (a new container, a runtime
+            # restart, a broker respawn): what an agent compares to see a restart.
+            "generation": f"{c.id[:12]}-{c.started}-{c.pid}" if c and running else None,
+            "process_started": c.started if c and running else None,
+        })
+    return {"v": 1, "channel": name, "updated": int(time.time()), "published": round(time.time(), 3),
+            "refresh": int(refresh), "sidecars": sidecars}
+
+
+# -- the engine: one sync, phase after phase -------------------------------------------------------
+
+
+class Engine:
+    def __init__(self, config: Config, runtime: Runtime | None = None, policy: Policy | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        b = config.broker
+        self.runtime: Runtime = runtime or make_runtime(b)
+        self.policy = policy or Policy(config)
+        self.clock = clock
+        self.actor = Actor(self.runtime, b.parallel_starts)
+        self.verifier = Verifier(self.runtime, self.policy, b.start_settle_ms)
+        self.reconciler = Reconciler(self.runtime, self.policy, clock)
+
+    def sync_all(self) -> list[SyncResult]:
+        return [self.sync(name) for name in sorted(self.config.channels)]
+
+    def sync(self, name: str, wait: bool = True) -> SyncResult:
+        """Serve a channel's pending requests and reconcile its sidecars. Raises ChannelLocked when
+        another sync holds the channel and `wait` is false."""
+        channel = self.config.channel(name)
+        b = self.config.broker
+        with ChannelState.locked(str(b.state_dir), name, wait=wait) as state:
+            s = _Sync(channel, state, AuditLog(state.audit_path, name), SyncResult(name),
+                      Snapshot(self.runtime, name))
+            try:
+                with ChannelDir.of(b.channels_dir, name, state.quarantine_path) as chan:
+                    for what, where in chan.repaired:
+                        s.audit.record("quarantine", None, f"{what} was not a plain directory: moved aside and "
+                                       "laid out again", code="bad_request", file=where)
+                    self._drain(s, chan)
+                    self.reconciler.reconcile(s)
+                    try:
+                        containers = s.snapshot.containers()
+                    except RuntimeFailed:
+                        containers = {}
+                    chan.write_status(status_of(name, state, containers, b.reconcile_interval))
+                    chan.prune_replies(b.reply_ttl)
+                    chan.prune_tmp()
+                    chan.prune_quarantine()
+                    state.compact()
+            except ChannelUnsafe as e:
+                # The channel's layout was tampered with: serve nothing through it, but still keep
+                # its sidecars converged.
+                s.audit.record("deny", None, f"channel directory unsafe: {e}", code="bad_request")
+                s.result.errors.append(str(e))
+                self.reconciler.reconcile(s)
+            finally:
+                s.audit.flush()
+        return s.result
+
+    def status(self, name: str) -> dict[str, Any]:
+        """A channel's status from its state and a fresh listing (outside a sync: `safespawn status`)."""
+        state = ChannelState.of(self.config.broker.state_dir, name)
+        state.load()
         try:
-            listing = {c.name: c for c in self.runtime.list(name)}
+            containers = {c.name: c for c in self.runtime.list(name)}
         except RuntimeFailed:
-            listing = {}
-        sidecars = []
-        for d in sorted(state.desired.values(), key=lambda d: d.name):
-            c = listing.get(d.name)
-            running = c is not None and c.running
-            sidecars.append({
-                "name": d.name, "profile": d.profile, "netns": d.netns,
-                "key": d.name[len(name) + len(d.profile) + 2:],
-                "state": c.state if c else "absent", "pid": c.pid if c and running else None,
-                "started": int(d.since), "restarts": d.failures,
-                # Changes whenever the running process is replaced (a new container, a runtime
-                # restart, a broker respawn): what an agent compares to see a restart.
-                "generation": f"{c.id[:12]}-{c.started}-{c.pid}" if c and running else None,
-                "process_started": c.started if c and running else None,
-            })
-        # `refresh`: the host republishes at least this often; an older status is stale.
-        return {"v": 1, "channel": name, "updated": int(time.time()), "published": round(time.time(), 3),
-                "refresh": int(self.config.broker.reconcile_interval), "sidecars": sidecars}
+            containers = {}
+        return status_of(name, state, containers, self.config.broker.reconcile_interval)
 
+    # -- drain ---------------------------------------------------------------------------------
+
+    def _drain(self, s: _Sync, chan: ChannelDir) -> None:
+        budget = s.channel.max_requests_per_run
+        first = True
+        while budget > 0:
+            entries, waiting = chan.pending(min(BATCH, budget))
+            if not entries:
+                return
+            if first and waiting > s.channel.max_pending:
+                self._refuse_excess(s, chan, waiting)
+                entries, waiting = chan.pending(min(BATCH, budget))
+            first = False
+            self._batch(s, chan, entries)
+            budget -= len(entries)
+        _, waiting = chan.pending(0)
+        s.result.deferred = waiting  # left for the next run, which the path unit / watch starts at once
+
+    def _refuse_excess(self, s: _Sync, chan: ChannelDir, waiting: int) -> None:
+        """A flood: refuse the newest requests beyond max_pending with `quota`, cheaply."""
+        entries, _ = chan.pending(waiting)
+        excess = [entries[i] for i in flood_excess(s.channel, [e.rid for e in entries], s.state.ledger)]
+        done = []
+        for e in excess:
+            if e.rid is not None:
+                reply = Reply.failure(e.rid, ErrorCode.QUOTA, f"more than {s.channel.max_pending} requests pending")
+                chan.write_reply(reply.to_dict(), fsync=False)
+                done.append(Done(e.rid, "", reply.to_dict()))
+        os.sync()  # one flush for all the refusals instead of one fsync each
+        s.state.complete(done)
+        for e in excess:
+            chan.quarantine(e) if e.rid is None else chan.remove(e)
+        s.audit.record("deny", None, f"flood: refused {len(excess)} requests beyond max_pending "
+                       f"({s.channel.max_pending})", code="quota")
+        s.result.refused += len(excess)
+
+    def _batch(self, s: _Sync, chan: ChannelDir, entries: list[Entry]) -> None:
+        """intake -> claim -> decide -> act -> verify -> desired state -> publish."""
+        taken = intake(s, chan, entries)
+        # Claim durably before acting: a crash from here on replays without acting twice.
+        s.state.claim([Claim(i.request.id, i.digest) for i in taken.incoming if not i.interrupted])
+        outcomes = self._serve(s, taken.incoming)
+        publish(s, chan, taken.answered, outcomes)
+
+    def _serve(self, s: _Sync, incoming: list[Incoming]) -> list[Outcome]:
+        if not incoming:
+            return []
+        try:
+            containers = s.snapshot.containers()
+        except RuntimeFailed as e:
+            # podman itself is broken: answer now rather than leave the agents waiting.
+            s.result.errors.append(e.message)
+            return [Outcome(i, None, Reply.failure(i.request.id, e.code, e.message)) for i in incoming]
+        planned = decide(self.policy, s, incoming, containers)
+        acted = self.actor.act(s, planned, containers)
+        outcomes = self.verifier.verify(acted, containers)
+        update_desired(s.state, outcomes, self.clock())
+        s.state.save_desired()
+        # The next batch and reconcile list afresh: a sidecar may die right after its check, and
+        # reconcile must see that rather than what this batch believes it left.
+        s.snapshot.invalidate()
+        return outcomes

@@ -1,21 +1,37 @@
-"""Errors that a reply can carry, and the exit codes of the command line.
+"""Every error safespawn raises, in one tree, and the exit codes of the command line.
 
 Every refusal is a value with a machine-readable code, so that the reply, the audit log and the
-tests speak about the same thing::
+tests speak about the same thing. Host-side problems (configuration, channel layout, install,
+locking) are separate: they never become a reply::
 
-    SafespawnError                 any refusal or failure a reply can report
-    ├── BadRequest                 "bad_request":    malformed, unsafe or unknown request
-    ├── PolicyDenied               "policy_denied":  well formed, but host policy says no
-    ├── NotFound                   "not_found":      no such sidecar in this channel
-    ├── QuotaExceeded              "quota":          a channel limit was reached
-    ├── RuntimeFailed              "runtime_failed": podman failed or timed out
-    └── Interrupted                "interrupted":    the broker died mid-way; not repeated
-    ConfigError                    the host's own configuration is invalid (never a reply)
+    Exception
+    ├── SafespawnError             any refusal or failure a reply can report (`code`, `message`)
+    │   ├── BadRequest             "bad_request":    malformed, unsafe or unknown request
+    │   ├── PolicyDenied           "policy_denied":  well formed, but host policy says no
+    │   ├── NotFound               "not_found":      no such sidecar in this channel
+    │   ├── QuotaExceeded          "quota":          a channel limit was reached
+    │   ├── RuntimeFailed          "runtime_failed": podman failed or timed out
+    │   └── Interrupted            "interrupted":    the broker died mid-way; not repeated
+    ├── ConfigError                the host's own configuration is invalid (exit code CONFIG)
+    ├── ChannelUnsafe              a channel directory is not as the host laid it out (a symlinked
+    │                              inbox/, ...): nothing is served through it this run
+    ├── ChannelLocked              another sync holds the channel's lock (`sync --no-wait`: LOCKED)
+    ├── InstallError               install/uninstall/rearm cannot proceed; the message says why
+    └── NoBroker                   client side: no reply within the timeout (exit code NO_BROKER).
+                                   Defined in client.py, which is copied alone into agent images
+                                   and so imports nothing from here; re-exported by this module.
 """
 
 from __future__ import annotations
 
 import enum
+
+from .client import NoBroker
+
+__all__ = [
+    "BadRequest", "ChannelLocked", "ChannelUnsafe", "ConfigError", "ErrorCode", "ExitCode", "InstallError",
+    "Interrupted", "NoBroker", "NotFound", "PolicyDenied", "QuotaExceeded", "RuntimeFailed", "SafespawnError",
+]
 
 
 class ErrorCode(str, enum.Enum):
@@ -61,6 +77,22 @@ class Interrupted(SafespawnError):
 
 class ConfigError(Exception):
     """The host configuration (safespawn.toml or a profile) is invalid."""
+
+
+class ChannelUnsafe(Exception):
+    """The channel directory itself is not as the host laid it out (e.g. a symlinked inbox/new)."""
+
+
+class ChannelLocked(Exception):
+    """Another sync holds the channel's lock (raised only when not waiting for it)."""
+
+    def __init__(self, channel: str) -> None:
+        super().__init__(f"channel {channel} is being synced by another process")
+        self.channel = channel
+
+
+class InstallError(Exception):
+    """install/uninstall/rearm cannot proceed; the message says why and what to do."""
 
 
 class ExitCode(enum.IntEnum):

@@ -18,10 +18,6 @@ def open_dir(name: str, dir_fd: int | None = None) -> int:
     return os.open(name, DIR_FLAGS, dir_fd=dir_fd)
 
 
-def ensure_dir(path: str, mode: int = 0o700) -> None:
-    os.makedirs(path, mode=mode, exist_ok=True)
-
-
 def write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:

@@ -23,18 +23,15 @@ import shutil
 import stat
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from .errors import BadRequest, QuotaExceeded, SafespawnError
+from .errors import BadRequest, ChannelUnsafe, QuotaExceeded
 from .files import atomic_write, fsync_dir, open_dir
 
 REQUEST_NAME_RE = re.compile(r"([0-9a-f]{32})\.json")
 TMP_MAX_AGE = 3600.0
 QUARANTINE_KEEP = 1000
-
-
-class ChannelUnsafe(Exception):
-    """The channel directory itself is not as the host laid it out (e.g. a symlinked inbox/new)."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +61,19 @@ def _open_subdir(parent_fd: int | None, name: str, what: str) -> int:
 
 class ChannelDir:
     """Open directory fds of one channel; use as a context manager."""
+
+    @staticmethod
+    def path_of(channels_dir: str | Path, channel: str) -> str:
+        """The one place a channel's directory is named."""
+        return os.path.join(str(channels_dir), channel)
+
+    @staticmethod
+    def inbox_new_of(channels_dir: str | Path, channel: str) -> str:
+        return os.path.join(ChannelDir.path_of(channels_dir, channel), "inbox", "new")
+
+    @classmethod
+    def of(cls, channels_dir: str | Path, channel: str, quarantine_path: str) -> ChannelDir:
+        return cls(cls.path_of(channels_dir, channel), quarantine_path)
 
     def __init__(self, path: str, quarantine_path: str) -> None:
         self.path = path
@@ -258,26 +268,27 @@ class ChannelDir:
                      mode=0o644)
 
 
-def refusal_of(e: SafespawnError) -> tuple[str, str]:
-    return e.code.value, e.message
-
-
-def channel_layout(base: str, agent_uid: int = 0, agent_gid: int = 0) -> list[tuple[str, int, int, int]]:
+def channel_layout(base: str, agent_uid: int | None = None,
+                   agent_gid: int | None = None) -> list[tuple[str, int, int, int]]:
     """(path, mode, uid, gid) of every directory of a channel, parents first.
 
-    The agent may write inbox/ (and its tmp/ and new/) but only read outbox/; the host is root.
+    The agent may write inbox/ (and its tmp/ and new/) but only read outbox/; the host (the broker's
+    own user: root in production) owns the rest. The agent's uid/gid default to the broker's own.
     """
+    host_uid, host_gid = os.geteuid(), os.getegid()
+    agent_uid = host_uid if agent_uid is None else agent_uid
+    agent_gid = host_gid if agent_gid is None else agent_gid
     return [
-        (base, 0o755, 0, 0),
+        (base, 0o755, host_uid, host_gid),
         (os.path.join(base, "inbox"), 0o755, agent_uid, agent_gid),
         (os.path.join(base, "inbox", "tmp"), 0o755, agent_uid, agent_gid),
         (os.path.join(base, "inbox", "new"), 0o755, agent_uid, agent_gid),
-        (os.path.join(base, "outbox"), 0o755, 0, 0),
-        (os.path.join(base, "outbox", "replies"), 0o755, 0, 0),
+        (os.path.join(base, "outbox"), 0o755, host_uid, host_gid),
+        (os.path.join(base, "outbox", "replies"), 0o755, host_uid, host_gid),
     ]
 
 
-def create_channel_dirs(base: str, agent_uid: int = 0, agent_gid: int = 0) -> list[str]:
+def create_channel_dirs(base: str, agent_uid: int | None = None, agent_gid: int | None = None) -> list[str]:
     """Create (or fix) a channel's directories; returns what was created or changed."""
     changed = []
     os.makedirs(os.path.dirname(base), mode=0o755, exist_ok=True)

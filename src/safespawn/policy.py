@@ -1,5 +1,13 @@
 """Host policy: every security decision about a request is made here, and only here.
 
+There is one gate, `Policy.decide`: it takes a request together with what the channel has now (a
+`ChannelView`: its containers and its desired sidecars) and returns a typed decision -- `Start(spec)`,
+`Signal(target, signal)`, `Stop(target, grace)`, `Remove(target)` -- or raises a `SafespawnError`
+that becomes the refusal. The engine only carries decisions out. Around the gate, also here:
+`judge_id` (replays and id collisions against the ledger), `flood_excess` (max_pending),
+`Policy.authorize_respawn` (reconcile: is a desired sidecar still allowed?) and
+`Policy.verify_started` (after the start: not in the host's netns).
+
 A request chooses among what the host configured; it never adds to it.
 - The **profile** (TOML shipped in the package, overridable in /etc/safespawn/profiles) fixes the
   program, its foreground command prefix, capabilities, netns pattern, signals, stop grace and an
@@ -13,6 +21,7 @@ Each branch carries an ALLOW or DENY comment naming the attack it stops.
 
 from __future__ import annotations
 
+import enum
 import fcntl
 import hashlib
 import ipaddress
@@ -21,16 +30,18 @@ import re
 import stat
 import tomllib
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from .config import ChannelConfig, Config
-from .errors import BadRequest, ConfigError, NotFound, PolicyDenied
+from .errors import BadRequest, ConfigError, Interrupted, NotFound, PolicyDenied, QuotaExceeded
 from .request import SIGNALS, Request, has_control_char
-from .sidecar import SidecarSpec, sidecar_name
+from .runtime.base import Container
+from .sidecar import LABEL_PROFILE, SidecarSpec, sidecar_name
+from .state import DesiredSidecar, LedgerEntry
 
 NS_GET_NSTYPE = 0xB703  # ioctl on an nsfs file: which kind of namespace it is
 CLONE_NEWNET = 0x40000000
@@ -362,8 +373,140 @@ class SignalDecision:
     action: str  # "deliver" | "stop" | "remove"
 
 
+# -- the gate's vocabulary -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Start:
+    """Run (or keep running, if the same spec already runs) this sidecar."""
+
+    spec: SidecarSpec
+
+    @property
+    def target(self) -> str:
+        return self.spec.name
+
+
+@dataclass(frozen=True)
+class Signal:
+    """Deliver a signal to a running sidecar (HUP, USR1, ...); the container stays."""
+
+    target: str
+    signal: str
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Stop the sidecar gracefully (TERM, INT, QUIT, or a stop request) and remove it."""
+
+    target: str
+    grace: int
+
+
+@dataclass(frozen=True)
+class Remove:
+    """Remove the sidecar at once (KILL)."""
+
+    target: str
+
+
+Decision = Start | Signal | Stop | Remove
+
+
+@dataclass
+class ChannelView:
+    """What a channel has now, as the gate sees it: its containers by name and its desired sidecars.
+
+    `Policy.decide` records each decision it allows in `desired`, so that the next request of the
+    same batch sees it (the quota counts a start just allowed; a stop after a start finds it).
+    """
+
+    containers: Mapping[str, Container]
+    desired: set[str]
+    by_pid: dict[int, Container] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.by_pid = {c.pid: c for c in self.containers.values() if c.running}
+
+    def record(self, decision: Decision) -> None:
+        if isinstance(decision, Start):
+            self.desired.add(decision.target)
+        elif isinstance(decision, Stop | Remove):
+            self.desired.discard(decision.target)
+
+
+class IdVerdict(enum.Enum):
+    NEW = "new"  # never seen: go on
+    INTERRUPTED = "interrupted"  # claimed before a crash, same bytes: go on, but never repeat a delivery
+    REPLAY = "replay"  # answered, same bytes: republish the first reply, act on nothing
+    ANSWERED = "answered"  # answered, other bytes (or unreadable now): keep the first reply
+
+
+def judge_id(prior: LedgerEntry | None, digest: str | None) -> IdVerdict:
+    """What the ledger's record of an id means for a request carrying it (digest None: unreadable)."""
+    if prior is None:
+        return IdVerdict.NEW
+    if prior.state == "done":
+        # ALLOW: a replay (the host crashed after replying, before removing the request).
+        if digest is not None and digest == prior.digest and prior.reply is not None:
+            return IdVerdict.REPLAY
+        # DENY: a different request reusing an answered id must not overwrite its reply.
+        return IdVerdict.ANSWERED
+    if prior.state == "claimed" and prior.digest == digest:
+        return IdVerdict.INTERRUPTED
+    return IdVerdict.NEW
+
+
+def flood_excess(channel: ChannelConfig, ids: Sequence[str | None], known: Iterable[str]) -> list[int]:
+    """Indexes (into `ids`, oldest first) of the pending requests to refuse with `quota`.
+
+    DENY: a flood; everything beyond the channel's max_pending newest-last is refused cheaply. An id
+    the ledger knows (answered, or claimed before a crash) keeps its normal path: a replay or an
+    interrupted request must still get its one reply.
+    """
+    known = set(known)
+    return [i for i in range(channel.max_pending, len(ids)) if ids[i] is None or ids[i] not in known]
+
+
+# Where podman itself mounts something in every container: a data dir there either fails at
+# `podman run` (/etc/hosts: not a directory; /dev: crun cannot open /dev/null) or hides what the
+# program needs (/proc, /sys).
+RUNTIME_MOUNT_TREES = ("/proc", "/sys", "/dev")
+RUNTIME_MOUNT_FILES = ("/etc/hosts", "/etc/hostname", "/etc/resolv.conf", "/run/.containerenv")
+
+
+def check_mounts(channel: ChannelConfig, profiles: Mapping[str, Profile]) -> None:
+    """A channel's data dirs must be mountable beside every mount its sidecars get.
+
+    Raises ConfigError naming the collision; otherwise every start would fail at request time, e.g.
+    `podman run failed (rc 125): Error: /tmp: duplicate mount destination` for data_dirs = ["/tmp"]
+    (the profiles mount a tmpfs on /tmp).
+    """
+    where = f"channels.{channel.name}.data_dirs"
+    seen: set[str] = set()
+    for d in channel.data_dirs:
+        if d in seen:
+            raise ConfigError(f"{where}: {d} is listed twice")
+        seen.add(d)
+        for tree in RUNTIME_MOUNT_TREES:
+            if d == tree or d.startswith(tree + "/"):
+                raise ConfigError(f"{where}: {d} collides with {tree}, which podman mounts in every container")
+        if d in RUNTIME_MOUNT_FILES:
+            raise ConfigError(f"{where}: {d} collides with the file podman mounts there in every container")
+        for name in channel.profiles:
+            p = profiles.get(name)
+            if p is not None and d in p.tmpfs:
+                raise ConfigError(f"{where}: {d} collides with the tmpfs the {name} profile mounts at {d} "
+                                  "(podman would refuse every start: duplicate mount destination); "
+                                  "use a directory below it, e.g. a dedicated /var/lib/... directory")
+
+
 class Policy:
-    """Turns requests into sidecar specs and signal decisions, or refuses them."""
+    """Turns requests into sidecar specs and signal decisions, or refuses them.
+
+    Building one validates the configuration it will enforce: every profile the channels name
+    loads, and every channel's data dirs can be mounted beside its profiles' mounts (`check_mounts`).
+    """
 
     def __init__(self, config: Config, profiles: dict[str, Profile] | None = None,
                  host_ns: Iterable[tuple[int, int]] | None = None) -> None:
@@ -376,6 +519,8 @@ class Policy:
                 for name in ch.profiles:
                     if name not in self.profiles:
                         self.profiles[name] = load_profile(name, config.broker.profiles_dir)
+        for ch in config.channels.values():
+            check_mounts(ch, self.profiles)
 
     def profile_for(self, channel: ChannelConfig, name: str | None) -> Profile:
         # DENY: a profile the host did not grant this channel, whatever else exists.
@@ -383,8 +528,78 @@ class Policy:
             raise PolicyDenied(f"profile {str(name)[:40]!r} is not allowed in channel {channel.name}")
         return self.profiles[name]
 
+    # -- the gate --------------------------------------------------------------------------------
+
+    def decide(self, channel: ChannelConfig, request: Request, view: ChannelView,
+               interrupted: bool = False) -> Decision:
+        """The one gate: what to do for `request`, given what the channel has now, or the refusal.
+
+        `interrupted`: the ledger shows this request was claimed before a crash, so whatever the
+        first attempt did may already have happened. The decision is recorded in `view`.
+        """
+        decision: Decision
+        if request.op == "start":
+            spec = self.authorize_start(channel, request)
+            # DENY: a new sidecar beyond the channel's quota (a replaced one does not count twice).
+            if spec.name not in view.desired and len(view.desired) >= channel.max_sidecars:
+                raise QuotaExceeded(f"channel {channel.name} already runs {channel.max_sidecars} sidecars")
+            decision = Start(spec)
+        else:
+            target, profile = self._target(channel, request, view)
+            if request.op == "stop":
+                decision = Stop(target, profile.stop_grace)
+            else:
+                assert request.signal is not None  # parse_request guarantees it for op "signal"
+                decision = self._signal(channel, profile, target, request.signal, view, interrupted)
+        view.record(decision)
+        return decision
+
+    def _target(self, channel: ChannelConfig, request: Request, view: ChannelView) -> tuple[str, Profile]:
+        """The sidecar a signal or stop names (by pid, or by profile + netns), and its profile."""
+        if request.pid is not None:
+            c = view.by_pid.get(request.pid)
+            # DENY: a pid that is not one of this channel's running sidecars (a host process,
+            # another channel's sidecar, a pid reused after a sidecar died), or whose profile is not
+            # the one the request names.
+            if c is None or (request.profile is not None and c.labels.get(LABEL_PROFILE) != request.profile):
+                raise NotFound(f"no sidecar of channel {channel.name} has pid {request.pid}")
+            # DENY: a sidecar of a profile this channel is no longer granted.
+            return c.name, self.profile_for(channel, c.labels.get(LABEL_PROFILE, ""))
+        target = self.target_name(channel, request)
+        if target not in view.containers and target not in view.desired:
+            raise NotFound(f"no sidecar {target}")
+        return target, self.profile_for(channel, request.profile)
+
+    def _signal(self, channel: ChannelConfig, profile: Profile, target: str, signal: str, view: ChannelView,
+                interrupted: bool) -> Decision:
+        d = self.authorize_signal(channel, profile.name, signal)
+        if d.action == "remove":
+            return Remove(target)
+        if d.action == "stop":
+            return Stop(target, profile.stop_grace)
+        c = view.containers.get(target)
+        if c is None or not c.running:
+            raise NotFound(f"sidecar {target} is not running")
+        if interrupted:
+            # DENY (at most once): the broker died while delivering; it may have been delivered.
+            raise Interrupted("the broker was interrupted while delivering this signal; "
+                              "it may or may not have been delivered")
+        return Signal(target, d.signal)
+
+    def verify_started(self, pid: int) -> None:
+        """After the start: the sidecar's process must not be in the host's network namespace.
+
+        DENY: the netns was swapped for the host's between the check and the start.
+        """
+        try:
+            st = os.stat(f"/proc/{pid}/ns/net")
+        except OSError:
+            return  # not visible from here (no shared pid namespace): podman joined the path we checked
+        if (st.st_dev, st.st_ino) in self.host_ns:
+            raise PolicyDenied("the sidecar ended up in the host's network namespace; removed")
+
     def check_netns(self, profile: Profile, netns: str | None) -> str | None:
-        """Returns the netns path to join, after checking it as DESIGN.md requires."""
+        """Returns the netns path to join, after checking it as docs/security.md describes."""
         if netns is None:
             if profile.netns == "required":
                 raise PolicyDenied(f"{profile.name} must run in a network namespace")
@@ -398,25 +613,38 @@ class Policy:
         os.close(open_netns(self.netns_dir, netns, self.host_ns))
         return os.path.join(self.netns_dir, netns)
 
-    def sidecar_key(self, profile: Profile, request: Request, seen: dict[str, list[str]]) -> str:
-        if request.netns is not None:
-            return request.netns
+    def sidecar_key(self, profile: Profile, netns: str | None, seen: dict[str, list[str]]) -> str:
+        if netns is not None:
+            return netns
         values = seen.get(profile.key_from)
         if not values or len(set(values)) != 1:
             raise PolicyDenied(f"{profile.name} needs exactly one {profile.key_from} to name the sidecar")
         return "k" + hashlib.sha256(values[0].encode()).hexdigest()[:16]
 
     def authorize_start(self, channel: ChannelConfig, request: Request) -> SidecarSpec:
-        profile = self.profile_for(channel, request.profile)
-        seen = profile.check_argv(request.argv, channel.data_dirs)
+        """The spec of the sidecar a start request asks for, or the refusal."""
+        return self._spec(channel, request.profile, request.netns, request.argv)
+
+    def authorize_respawn(self, channel: ChannelConfig, desired: DesiredSidecar) -> SidecarSpec:
+        """Reconcile: the spec of a desired sidecar, checked again as if it were asked for now.
+
+        DENY: a sidecar whose netns is gone or whose profile, arguments or data dirs the host no
+        longer allows is dropped rather than respawned.
+        """
+        return self._spec(channel, desired.profile, desired.netns, desired.argv)
+
+    def _spec(self, channel: ChannelConfig, profile_name: str | None, netns: str | None,
+              argv: tuple[str, ...]) -> SidecarSpec:
+        profile = self.profile_for(channel, profile_name)
+        seen = profile.check_argv(argv, channel.data_dirs)
         if profile.netns_option is not None:
             named = seen.get(profile.netns_option, [])
             # DENY: a program told to act on one namespace while it runs in another.
-            if named != [request.netns]:
+            if named != [netns]:
                 raise PolicyDenied(f"{profile.netns_option} must be given once and name the sidecar's netns "
-                                   f"({request.netns})")
-        netns_path = self.check_netns(profile, request.netns)
-        key = self.sidecar_key(profile, request, seen)
+                                   f"({netns})")
+        netns_path = self.check_netns(profile, netns)
+        key = self.sidecar_key(profile, netns, seen)
         # ALLOW: everything below comes from the profile and the channel; the request only chose
         # the profile, the (checked) netns and the (checked) arguments that follow the image.
         return SidecarSpec(
@@ -424,11 +652,11 @@ class Policy:
             channel=channel.name,
             profile=profile.name,
             key=key,
-            netns=request.netns,
+            netns=netns,
             netns_path=netns_path,
             image=channel.image,
             entrypoint=profile.command,
-            args=request.argv,
+            args=argv,
             capabilities=profile.capabilities,
             mounts=channel.data_dirs,
             tmpfs=profile.tmpfs,

@@ -83,17 +83,6 @@ class Reply:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Reply:
-        err = d.get("error")
-        return cls(
-            id=str(d["id"]),
-            ok=bool(d["ok"]),
-            sidecar=d.get("sidecar"),
-            pid=d.get("pid"),
-            error=None if not err else ReplyError(str(err["code"]), str(err["message"])),
-        )
-
-    @classmethod
     def failure(cls, rid: str, code: ErrorCode | str, message: str) -> Reply:
         return cls(id=rid, ok=False, error=ReplyError(str(getattr(code, "value", code)), message))
 

@@ -17,8 +17,10 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from pathlib import Path
+from typing import Any, NamedTuple
 
+from .errors import ChannelLocked
 from .files import append_line, atomic_write, open_dir
 
 LEDGER_KEEP_SECONDS = 7 * 24 * 3600
@@ -56,6 +58,21 @@ class LedgerEntry:
     reply: dict[str, Any] | None = None
 
 
+class Claim(NamedTuple):
+    """An id about to be acted on, and the digest of its request's bytes."""
+
+    rid: str
+    digest: str
+
+
+class Done(NamedTuple):
+    """An id answered: its digest ("" if its bytes were unreadable) and its reply."""
+
+    rid: str
+    digest: str
+    reply: dict[str, Any]
+
+
 def _ledger_line(e: LedgerEntry) -> bytes:
     rec: dict[str, Any] = {"id": e.id, "s": e.state, "d": e.digest, "t": round(e.t, 3)}
     if e.reply is not None:
@@ -83,16 +100,30 @@ class ChannelState:
     def quarantine_path(self) -> str:
         return os.path.join(self.path, "quarantine")
 
+    @staticmethod
+    def path_of(state_dir: str | Path, channel: str) -> str:
+        """The one place a channel's state directory is named."""
+        return os.path.join(str(state_dir), channel)
+
+    @classmethod
+    def of(cls, state_dir: str | Path, channel: str) -> ChannelState:
+        """The state of a channel, not locked and not loaded (call load() to read it)."""
+        return cls(cls.path_of(state_dir, channel))
+
     @classmethod
     @contextlib.contextmanager
-    def locked(cls, state_dir: str, channel: str, wait: bool = True) -> Iterator[ChannelState]:
-        """Lock the channel (one sync at a time) and load its state."""
-        path = os.path.join(state_dir, channel)
+    def locked(cls, state_dir: str | Path, channel: str, wait: bool = True) -> Iterator[ChannelState]:
+        """Lock the channel (one sync at a time) and load its state; ChannelLocked if `wait` is
+        false and another sync holds it."""
+        path = cls.path_of(state_dir, channel)
         os.makedirs(os.path.join(path, "quarantine"), mode=0o700, exist_ok=True)
         os.chmod(path, 0o700)
         fd = os.open(os.path.join(path, "lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                raise ChannelLocked(channel) from None
             st = cls(path)
             st._dir_fd = open_dir(path)
             try:
@@ -140,13 +171,13 @@ class ChannelState:
         append_line(self.ledger_path, b"".join(lines), fsync=True)
         self._ledger_lines += len(lines)
 
-    def claim(self, items: list[tuple[str, str]]) -> None:
-        """Record (id, digest) pairs as claimed, durably, before anything is acted on."""
+    def claim(self, items: list[Claim]) -> None:
+        """Record ids as claimed, durably, before anything is acted on."""
         now = time.time()
         self._append([LedgerEntry(rid, "claimed", digest, now) for rid, digest in items])
 
-    def complete(self, items: list[tuple[str, str, dict[str, Any]]]) -> None:
-        """Record (id, digest, reply) as done, durably, before the replies are published."""
+    def complete(self, items: list[Done]) -> None:
+        """Record ids as done with their replies, durably, before the replies are published."""
         now = time.time()
         self._append([LedgerEntry(rid, "done", digest, now, reply) for rid, digest, reply in items])
 

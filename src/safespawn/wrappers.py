@@ -18,14 +18,12 @@ rewrites the same bytes (idempotent). The scripts run inside the agent image, ne
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
-import tempfile
 from importlib import resources
+from pathlib import Path
 
-from .config import BrokerConfig, load_config
-from .errors import ConfigError, ExitCode
+from .files import atomic_write, open_dir
+from .inbox import ChannelDir
 from .launcher import HOOK_DIR, launcher_files
 
 CLIENT_MODULE = "safespawn_client"
@@ -82,28 +80,25 @@ def render_kill_script(profile: str, channel: str, channel_dir: str, python: str
                           what=f"Neutron's kill script for {profile}: `SIGNAL PID` -> a signal request.")
 
 
-def _write(path: str, text: str, mode: int) -> bool:
-    """Write atomically (a reader never sees half a script); return whether anything changed."""
+def _write(target_fd: int, name: str, text: str, mode: int) -> bool:
+    """Write `name` (a file, or SUBDIR/file) atomically (a reader never sees half a script), never
+    through a symlink; return whether anything changed."""
     data = text.encode()
+    sub, _, base = name.rpartition("/")
+    dir_fd = open_dir(sub, target_fd) if sub else target_fd
     try:
-        with open(path, "rb") as f:
-            if f.read() == data and (os.stat(path).st_mode & 0o7777) == mode:
-                return False
-    except OSError:
-        pass
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
         try:
-            os.unlink(tmp)
+            fd = os.open(base, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+            with os.fdopen(fd, "rb") as f:
+                if f.read() == data and (os.fstat(f.fileno()).st_mode & 0o7777) == mode:
+                    return False
         except OSError:
             pass
-        raise
-    return True
+        atomic_write(dir_fd, base, data, mode=mode)
+        return True
+    finally:
+        if sub:
+            os.close(dir_fd)
 
 
 def install(target: str, channel: str, channel_dir: str, python: str = DEFAULT_PYTHON) -> list[str]:
@@ -117,40 +112,16 @@ def install(target: str, channel: str, channel_dir: str, python: str = DEFAULT_P
         files[name] = (render_kill_script(profile, channel, channel_dir, python), 0o755)
     files.update(launcher_files(channel, channel_dir, python))  # safespawn-neutron and its class
     os.makedirs(os.path.join(target, HOOK_DIR), mode=0o755, exist_ok=True)
-    for name, (text, mode) in files.items():
-        if _write(os.path.join(target, name), text, mode):
-            changed.append(name)
+    target_fd = open_dir(target)
+    try:
+        for name, (text, mode) in files.items():
+            if _write(target_fd, name, text, mode):
+                changed.append(name)
+    finally:
+        os.close(target_fd)
     return changed
 
 
-def default_channel_dir(channel: str) -> str:
+def default_channel_dir(channels_dir: str | Path, channel: str) -> str:
     """The channel's directory from the host config (the agent sees it at the same path by default)."""
-    try:
-        channels_dir = load_config().broker.channels_dir
-    except ConfigError:
-        channels_dir = BrokerConfig().channels_dir
-    return os.path.join(str(channels_dir), channel)
-
-
-def cmd_install(args: argparse.Namespace) -> int:
-    channel_dir = args.channel_dir or default_channel_dir(args.channel)
-    if not os.path.isabs(channel_dir):
-        print(f"safespawn wrappers install: --channel-dir {channel_dir!r} must be absolute", file=sys.stderr)
-        return int(ExitCode.USAGE)
-    changed = install(args.dir, args.channel, os.path.normpath(channel_dir), args.python)
-    # The Ansible role reads ": N file(s) written" to report changed/ok: keep the wording.
-    print(f"{args.dir}: {len(changed)} file(s) written for channel {args.channel} ({channel_dir})")
-    return int(ExitCode.OK)
-
-
-def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("wrappers", help="Neutron drop-in wrappers and kill scripts for an agent container")
-    ops = p.add_subparsers(dest="wrappers_op", required=True)
-    i = ops.add_parser("install", help="write the wrappers, kill scripts and client file into DIR")
-    i.add_argument("--channel", required=True, help="the channel the agent's requests go to")
-    i.add_argument("--channel-dir", help="the channel's directory as the agent sees it "
-                   "(default: the host config's channels_dir/CHANNEL)")
-    i.add_argument("--python", default=DEFAULT_PYTHON,
-                   help=f"the agent image's Python 3.9+ interpreter for the #! line (default: {DEFAULT_PYTHON})")
-    i.add_argument("dir", help="the directory to write into (mounted read-only into the agent)")
-    i.set_defaults(handler=cmd_install)
+    return ChannelDir.path_of(channels_dir, channel)

@@ -1,7 +1,7 @@
 """Fixtures for integration tests that drive real podman, network namespaces and daemons.
 
-The session-wide ones (``test_image``, root check, markers) are in tests/conftest.py; helpers live
-in tests/support/netlab.py.
+The broker fixtures (``test_image``, ``broker``, ``make_broker``) and the root check come from
+tests/support/fixtures.py (shared with tests/neutron); helpers live in tests/support/netlab.py.
 """
 
 from __future__ import annotations
@@ -11,6 +11,20 @@ from pathlib import Path
 
 import pytest
 from support import netlab
+from support.fixtures import (  # noqa: F401
+    broker,
+    broker_runtime,
+    dockerd,
+    make_broker,
+    require_root,
+    test_image,
+)
+
+INTEGRATION = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    require_root([i for i in items if INTEGRATION in Path(str(i.fspath)).parents])
 
 
 @pytest.fixture

@@ -425,6 +425,12 @@ def test_an_invalid_config_is_refused_before_it_is_put_in_place(host: Host) -> N
     assert p.returncode != 0
     assert "failed validating" in p.stdout or "no profile named" in p.stdout, p.stdout[-3000:]
     assert (host.config_dir / "safespawn.toml").read_text() == before
+    # A data dir that collides with a mount the sidecar gets anyway (the profiles' tmpfs on /tmp):
+    # named by check-config in the validation, instead of every start failing later.
+    p = host.play(safespawn_channels=[dict(channel, data_dirs=["/tmp"])])
+    assert p.returncode != 0
+    assert "collides with the tmpfs" in p.stdout, p.stdout[-3000:]
+    assert (host.config_dir / "safespawn.toml").read_text() == before
     # A custom profile safespawn's parser refuses never reaches the profiles dir either.
     builtin = (REPO / "src" / "safespawn" / "profiles" / "dnsmasq.toml").read_text()
     assert 'name = "dnsmasq"' in builtin

@@ -76,6 +76,23 @@ def test_start_runs_dnsmasq_that_hands_out_a_real_lease(broker, pair):
                                                                                  reply["pid"])]
 
 
+@pytest.mark.parametrize("mode", ["inotify", "poll"])
+def test_a_configured_channel_is_usable_through_watch_alone(make_broker, pair, mode):
+    """A new user's host: a config file, no `install`, nothing laid out; only `safespawn watch` runs."""
+    b = make_broker(lay_out=False)
+    assert not b.channel_dir().exists() and not (b.root / "state").exists()
+    b.start_watch(*(["--poll"] if mode == "poll" else []))
+    wait_for(lambda: (b.channel_dir() / "outbox" / "replies").is_dir(), 30)
+    reply = client.submit(str(b.channel_dir()), client.start_request("dnsmasq", dnsmasq_argv(b.data_dir, pair),
+                                                                      netns=pair.server_ns), timeout=60)
+    assert reply["ok"], reply
+    assert container(b, reply["sidecar"])["State"] == "running"
+    log = (b.root / "watch.log").read_text()
+    assert ("on inotify events" if mode == "inotify" else "by polling") in log
+    assert "cannot open" not in log and "No such file" not in log
+    assert dhcp_lease(pair.client_ns, pair.client_if, timeout=10)["ip"] == pair.host(50)
+
+
 def test_same_start_changes_nothing_and_changed_arguments_replace(broker, pair):
     argv = dnsmasq_argv(broker.data_dir, pair)
     r1 = broker.request(client.start_request("dnsmasq", argv, netns=pair.server_ns))

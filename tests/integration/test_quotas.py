@@ -93,7 +93,7 @@ def test_two_new_sidecars_in_one_batch_cannot_both_take_the_last_slot(b, namespa
 
 
 def test_max_requests_per_run_defers_the_rest_to_the_next_run(b):
-    # Deferred, not refused: a burst must be served completely (DESIGN.md); the path unit is
+    # Deferred, not refused: a burst must be served completely (docs/security.md, Quotas); the path unit is
     # level-triggered on inbox/new, so the next run starts at once (docs/security.md, quotas).
     a, other = b.channel, b.extra_channels[0]
     limit(b, a, "max_requests_per_run = 3")

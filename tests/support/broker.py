@@ -51,7 +51,8 @@ class Broker:
 
     @classmethod
     def make(cls, root: Path, profiles: list[str] | None = None, channels: int = 1, image: str = TEST_IMAGE,
-             extra: str = "", broker_extra: str = "", dockerd: PrivateDockerd | None = None) -> Broker:
+             extra: str = "", broker_extra: str = "", dockerd: PrivateDockerd | None = None,
+             lay_out: bool = True) -> Broker:
         root.mkdir(parents=True, exist_ok=True)
         data = root / "data"
         data.mkdir(exist_ok=True)
@@ -67,7 +68,7 @@ class Broker:
             text += (f'[channels.{n}]\nimage = "{image}"\nprofiles = {profs}\ndata_dirs = ["{data}"]\n{extra}\n')
         cfg = root / "safespawn.toml"
         cfg.write_text(text)
-        for n in names:
+        for n in names if lay_out else ():
             create_channel_dirs(str(root / "channels" / n))
         return cls(root, names[0], cfg, data, names[1:], dockerd)
 
@@ -86,9 +87,9 @@ class Broker:
         return subprocess.run([sys.executable, "-m", "safespawn.cli", *args], capture_output=True, text=True,
                               timeout=timeout, env=env, check=check)
 
-    def start_watch(self) -> None:
+    def start_watch(self, *args: str) -> None:
         env = dict(os.environ, SAFESPAWN_CONFIG=str(self.config_path))
-        self._watch = subprocess.Popen([sys.executable, "-m", "safespawn.cli", "watch", "--interval", "0.02"],
+        self._watch = subprocess.Popen([sys.executable, "-m", "safespawn.cli", "watch", "--interval", "0.02", *args],
                                        env=env, stdout=subprocess.DEVNULL, stderr=open(self.root / "watch.log", "ab"))
 
     def stop_watch(self) -> int | None:

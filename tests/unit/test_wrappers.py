@@ -9,7 +9,6 @@ from __future__ import annotations
 import ast
 import json
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -95,9 +94,11 @@ def test_client_and_generated_scripts_parse_as_python_3_9(tmp_path: Path) -> Non
 
 
 def test_vermin_finds_nothing_newer_than_3_9(tmp_path: Path) -> None:
-    vermin = shutil.which("vermin") or str(Path(sys.executable).parent / "vermin")
     files = [str(CLIENT_PY)] + [str(p) for p in _generated(tmp_path)]
-    p = subprocess.run([vermin, "--target=3.9-", "--violations", "--no-tips", "--no-parse-comments", *files],
+    # vermin's entry point run by this interpreter: works from the .venv and from the unprivileged
+    # copy of the tests (scripts/unit-tests-unprivileged), which has no console scripts.
+    vermin = [sys.executable, "-c", "import sys; from vermin import main; sys.argv[0] = 'vermin'; sys.exit(main())"]
+    p = subprocess.run([*vermin, "--target=3.9-", "--violations", "--no-tips", "--no-parse-comments", *files],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stdout + p.stderr
 
@@ -233,3 +234,15 @@ def test_option_value_reads_both_spellings() -> None:
     assert client.option_value(argv, "-p") == "/b"
     assert client.option_value(argv, "--namespace") == "qrouter-x"
     assert client.option_value(argv, "--nothing") is None
+
+
+def test_cli_install_takes_the_channel_dir_from_an_explicit_config_without_touching_the_environment(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tmp_path / "safespawn.toml"
+    cfg.write_text(f'[broker]\nchannels_dir = "{tmp_path}/given"\n'
+                   '[channels.neutron-l3]\nimage = "x:1"\nprofiles = ["keepalived"]\n')
+    monkeypatch.delenv("SAFESPAWN_CONFIG", raising=False)
+    before = dict(os.environ)
+    assert main(["--config", str(cfg), "wrappers", "install", "--channel", "neutron-l3", str(tmp_path / "a")]) == 0
+    assert f"CHANNEL_DIR = '{tmp_path}/given/neutron-l3'" in (tmp_path / "a" / "keepalived").read_text()
+    assert dict(os.environ) == before  # the config is passed as a value, not through the environment

@@ -1,0 +1,312 @@
+"""The engine's own logic, without root: a real channel directory and state dir under tmp_path, the
+real policy and ledger, and an in-memory runtime (tests/support/fake_runtime.py) whose failures the
+tests inject. The real-podman tests in tests/integration remain the proof that the features work;
+these pin what the engine decides and how often it acts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+from support.engine_host import CH, Host
+
+from safespawn import client
+from safespawn.errors import ChannelLocked, RuntimeFailed
+from safespawn.sidecar import LABEL_CHANNEL
+from safespawn.state import ChannelState
+
+
+class Crash(BaseException):
+    """The broker process dies here (not an Exception: nothing in the engine may catch it)."""
+
+
+@pytest.fixture
+def host(tmp_path: Path) -> Host:
+    return Host(tmp_path)
+
+
+def test_runs_as_a_normal_user_too() -> None:
+    # Not a skip: this file is the proof that the engine's logic is testable without root; the CI
+    # runs it as root and again as an unprivileged user (scripts/test).
+    assert isinstance(os.geteuid(), int)
+
+
+def test_a_start_runs_one_sidecar_and_a_repeated_start_runs_no_second(host: Host) -> None:
+    r1 = host.ask(host.start("a"))
+    assert r1["ok"] and r1["pid"] == host.rt.containers[r1["sidecar"]].pid
+    r2 = host.ask(host.start("a"))
+    assert r2["ok"] and r2["sidecar"] == r1["sidecar"] and r2["pid"] == r1["pid"]
+    assert host.rt.count("run") == 1 and host.running() == [r1["sidecar"]]
+    assert list(host.state().desired) == [r1["sidecar"]]
+
+
+def test_changed_arguments_replace_the_sidecar(host: Host) -> None:
+    r1 = host.ask(host.start("a"))
+    r2 = host.ask(host.start("a", "--verbose"))
+    assert r2["ok"] and r2["sidecar"] == r1["sidecar"] and r2["pid"] != r1["pid"]
+    assert host.rt.count("run") == 2 and host.rt.specs[r1["sidecar"]].args == ("--key=a", "--verbose")
+
+
+def test_a_replayed_request_is_answered_from_the_ledger_without_acting(host: Host) -> None:
+    req = host.start("a")
+    first = host.ask(req)
+    # The host crashed after publishing the reply, before removing the request: it is still there.
+    host.write(req)
+    (host.chdir / "outbox" / "replies" / f"{req['id']}.json").unlink()
+    host.engine = host.new_engine()
+    r = host.sync()
+    assert r.replayed == 1 and host.reply(req["id"]) == first
+    assert host.rt.count("run") == 1 and host.pending() == []
+
+
+def test_an_answered_id_reused_by_another_request_keeps_its_first_reply(host: Host) -> None:
+    req = host.start("a")
+    first = host.ask(req)
+    other = dict(host.start("b"), id=req["id"])
+    host.write(other)
+    r = host.sync()
+    assert r.quarantined == 1 and host.reply(req["id"]) == first
+    assert host.rt.count("run") == 1 and host.pending() == []
+    assert any(e["decision"] == "quarantine" and "collides" in e.get("reason", "") for e in host.audit())
+
+
+def test_a_crash_between_claim_and_reply_starts_exactly_one_sidecar(host: Host) -> None:
+    req = host.start("a")
+    host.write(req)
+    host.rt.inject("run", Crash("after podman run"), after=True)  # the container exists, no reply yet
+    with pytest.raises(Crash):
+        host.sync()
+    assert host.reply(req["id"]) is None and host.pending() == [f"{req['id']}.json"]
+    assert host.state().ledger[req["id"]].state == "claimed"
+    host.engine = host.new_engine()
+    host.sync()
+    r = host.reply(req["id"])
+    assert r is not None and r["ok"] and host.rt.count("run") == 1 and len(host.running()) == 1
+    assert host.state().ledger[req["id"]].state == "done"
+
+
+def test_a_signal_interrupted_by_a_crash_is_not_delivered_twice(host: Host) -> None:
+    started = host.ask(host.start("a"))
+    hup = client.signal_request("HUP", pid=started["pid"])
+    host.write(hup)
+    host.rt.inject("signal", Crash("after delivering"), after=True)
+    with pytest.raises(Crash):
+        host.sync()
+    assert host.rt.signals == [(started["sidecar"], "HUP")]
+    host.engine = host.new_engine()
+    host.sync()
+    r = host.reply(hup["id"])
+    assert r is not None and not r["ok"] and r["error"]["code"] == "interrupted"
+    assert host.rt.signals == [(started["sidecar"], "HUP")]  # at most once
+    # A fresh HUP is delivered normally.
+    assert host.ask(client.signal_request("HUP", pid=started["pid"]))["ok"]
+    assert len(host.rt.signals) == 2
+
+
+def test_a_signal_reaches_only_a_running_sidecar_of_this_channel(host: Host) -> None:
+    mine = host.ask(host.start("a"))
+    other = host.rt.add("other-sleeper-kx", "other", labels={"safespawn.profile": "sleeper"})
+    for pid in (os.getpid(), other.pid, mine["pid"] + 12345):
+        r = host.ask(client.signal_request("HUP", pid=pid))
+        assert not r["ok"] and r["error"]["code"] == "not_found", pid
+    assert host.rt.signals == []
+    r = host.ask(client.signal_request("USR1", pid=mine["pid"]))
+    assert r["error"]["code"] == "policy_denied"  # not in the profile's signals
+    assert host.ask(client.signal_request("HUP", pid=mine["pid"]))["ok"]
+    assert host.rt.signals == [(mine["sidecar"], "HUP")]
+
+
+def test_term_stops_and_kill_removes_and_both_forget_the_sidecar(host: Host) -> None:
+    a, b = host.ask(host.start("a")), host.ask(host.start("b"))
+    assert host.ask(client.signal_request("TERM", pid=a["pid"]))["ok"]
+    assert ("stop", a["sidecar"]) in host.rt.calls
+    assert host.ask(client.signal_request("KILL", pid=b["pid"]))["ok"]
+    assert ("remove", b["sidecar"]) in host.rt.calls and ("stop", b["sidecar"]) not in host.rt.calls
+    assert host.running() == [] and host.state().desired == {}
+
+
+def test_max_sidecars_refuses_a_new_one_but_not_a_replacement(tmp_path: Path) -> None:
+    host = Host(tmp_path, max_sidecars=2)
+    assert host.ask(host.start("a"))["ok"] and host.ask(host.start("b"))["ok"]
+    r = host.ask(host.start("c"))
+    assert not r["ok"] and r["error"]["code"] == "quota"
+    assert host.ask(host.start("a", "--verbose"))["ok"]  # replacing one does not count twice
+    assert len(host.running()) == 2
+
+
+def test_the_quota_counts_starts_of_the_same_batch(tmp_path: Path) -> None:
+    host = Host(tmp_path, max_sidecars=2)
+    rids = [host.write(host.start(k)) for k in ("a", "b", "c", "d")]
+    host.sync()
+    codes = sorted("ok" if r["ok"] else r["error"]["code"] for r in map(host.reply, rids) if r)
+    assert codes == ["ok", "ok", "quota", "quota"] and len(host.running()) == 2
+
+
+def test_a_flood_beyond_max_pending_is_refused_and_the_rest_served(tmp_path: Path) -> None:
+    host = Host(tmp_path, max_pending=5)
+    rids = [host.write(host.start(f"k{i}")) for i in range(12)]
+    for n, rid in enumerate(rids):  # distinct mtimes: oldest first is well defined
+        os.utime(host.chdir / "inbox" / "new" / f"{rid}.json", ns=(n * 10**9, n * 10**9))
+    r = host.sync()
+    replies = [host.reply(rid) for rid in rids]
+    assert all(x is not None for x in replies) and host.pending() == []
+    assert [x["ok"] for x in replies if x] == [True] * 5 + [False] * 7
+    assert {x["error"]["code"] for x in replies[5:] if x} == {"quota"}
+    assert r.refused == 7 and host.rt.count("run") == 5
+
+
+def test_a_flood_keeps_the_one_reply_of_a_request_claimed_before_a_crash(tmp_path: Path) -> None:
+    host = Host(tmp_path, max_pending=2)
+    claimed = host.start("first")
+    host.write(claimed)
+    host.rt.inject("run", Crash(), after=True)
+    with pytest.raises(Crash):
+        host.sync()
+    newer = [host.write(host.start(f"k{i}")) for i in range(4)]
+    later = time.time_ns() + 10**12
+    os.utime(host.chdir / "inbox" / "new" / f"{claimed['id']}.json", ns=(later, later))  # now the newest
+    host.engine = host.new_engine()
+    host.sync()
+    r = host.reply(claimed["id"])
+    assert r is not None and r["ok"]  # not refused as part of the flood
+    assert sum(1 for rid in newer if (host.reply(rid) or {}).get("ok")) == 2
+
+
+def test_orphans_and_leftovers_of_the_channel_are_removed_others_are_not(host: Host) -> None:
+    kept = host.ask(host.start("a"))
+    host.rt.add(f"{CH}-sleeper-korphan", CH)
+    host.rt.add(f"{CH}-sleeper-kexited", CH, state="exited")
+    host.rt.add("other-sleeper-kx", "other")
+    r = host.sync()
+    assert r.removed == 2
+    assert sorted(host.rt.containers) == sorted([kept["sidecar"], "other-sleeper-kx"])
+
+
+def test_a_dead_sidecar_is_respawned_with_backoff(host: Host) -> None:
+    name = host.ask(host.start("a"))["sidecar"]
+    host.rt.crash(name)
+    host.rt.inject("run", RuntimeFailed("podman run failed (rc 125): no space"))
+    r = host.sync()
+    assert r.respawned == 0 and r.errors
+    d = host.state().desired[name]
+    assert d.failures == 1 and d.next_retry == host.clock.now + 2
+    runs = host.rt.count("run")
+    host.sync()
+    assert host.rt.count("run") == runs  # within the backoff: not tried again
+    host.clock.now += 2.5
+    assert host.sync().respawned == 1 and host.running() == [name]
+    host.rt.crash(name)
+    host.rt.inject("run", RuntimeFailed("podman run failed"))
+    host.clock.now += 10
+    host.sync()
+    assert host.state().desired[name].failures == 3  # 2 respawns counted, then the failure
+    assert host.state().desired[name].next_retry == host.clock.now + 8
+    host.clock.now += 9
+    host.sync()
+    host.sync()  # seen running: the backoff is reset
+    assert host.running() == [name] and host.state().desired[name].failures == 0
+
+
+def test_a_sidecar_no_longer_allowed_is_dropped_not_respawned(host: Host) -> None:
+    name = host.ask(host.start("a"))["sidecar"]
+    st = host.state()
+    path = Path(st.path) / "desired.json"
+    data = json.loads(path.read_text())
+    data["sidecars"][0]["argv"] = ["--key=a", "--dhcp-script=/bin/sh"]  # tampered with, or policy changed
+    path.write_text(json.dumps(data))
+    host.rt.crash(name)
+    host.sync()
+    assert host.state().desired == {} and host.rt.containers == {}
+    assert any(e["decision"] == "reconcile" and "dropped" in e.get("reason", "") for e in host.audit())
+
+
+def test_podman_failing_answers_every_request_and_loses_nothing(host: Host) -> None:
+    rids = [host.write(host.start(k)) for k in ("a", "b")]
+    host.rt.inject("list", RuntimeFailed("cannot run podman: No such file"), times=3)
+    host.sync()
+    for rid in rids:
+        r = host.reply(rid)
+        assert r is not None and r["error"]["code"] == "runtime_failed"
+    assert host.pending() == [] and host.rt.count("run") == 0
+
+
+def test_a_failed_run_is_answered_and_its_leftover_removed(host: Host) -> None:
+    def leave_a_created_container(name: str) -> None:
+        host.rt.add(name, CH, state="created")
+
+    req = host.start("a")
+    host.rt.inject("run", RuntimeFailed("podman run failed (rc 126): exec failed"), hook=leave_a_created_container)
+    r = host.ask(req)
+    assert r["error"]["code"] == "runtime_failed" and "rc 126" in r["error"]["message"]
+    assert host.rt.containers == {}  # the reconcile of the same sync saw the leftover afresh
+
+
+def test_a_sidecar_that_dies_at_once_is_reported_and_removed(host: Host) -> None:
+    def die_right_after_start(name: str) -> None:
+        host.rt.inject("inspect", hook=lambda _n: host.rt.crash(name, exit_code=3))
+
+    host.rt.inject("run", hook=lambda name: die_right_after_start(name))
+    r = host.ask(host.start("a"))
+    assert r["error"]["code"] == "runtime_failed" and "exited with code 3" in r["error"]["message"]
+    assert host.rt.containers == {} and host.state().desired == {}
+
+
+def test_a_sidecar_in_a_restart_loop_is_not_reported_running(host: Host) -> None:
+    host.rt.inject("inspect", hook=lambda name: host.rt.set_restarts(name, 2))
+    r = host.ask(host.start("a"))
+    assert r["error"]["code"] == "runtime_failed" and "restarted 2 time(s)" in r["error"]["message"]
+    assert host.rt.containers == {}
+
+
+def test_a_sidecar_that_ended_up_in_the_host_netns_is_removed(host: Host) -> None:
+    host.rt.next_pid = os.getpid()  # /proc/PID/ns/net is the broker's own: the host's netns
+    r = host.ask(host.start("a"))
+    assert r["error"]["code"] == "policy_denied" and "host's network namespace" in r["error"]["message"]
+    assert host.rt.containers == {} and host.state().desired == {}
+
+
+def test_a_replacing_start_and_a_stop_in_one_batch_are_carried_out_in_order(host: Host) -> None:
+    first = host.ask(host.start("a"))
+    s1 = host.write(host.start("a", "--verbose"))
+    s2 = host.write(client.stop_request(None, pid=first["pid"]))
+    for n, rid in enumerate((s1, s2)):  # the inbox is served oldest first: make the order certain
+        os.utime(host.chdir / "inbox" / "new" / f"{rid}.json", ns=(n * 10**9, n * 10**9))
+    host.sync()
+    r1, r2 = host.reply(s1), host.reply(s2)
+    # The start's reply is what the check after the batch sees: the stop already removed it.
+    assert r1 is not None and r1["error"]["code"] == "runtime_failed" and r2 is not None and r2["ok"]
+    assert [op for op, _ in host.rt.calls if op in ("run", "stop", "remove")][-4:] == ["remove", "run", "stop", "remove"]
+    assert host.rt.containers == {} and host.state().desired == {}
+
+
+def test_an_idle_sync_lists_the_containers_once(host: Host) -> None:
+    host.ask(host.start("a"))
+    before = host.rt.count("list")
+    host.sync()
+    assert host.rt.count("list") - before == 1  # reconcile and status share one listing
+
+
+def test_a_sync_that_serves_requests_lists_once_for_the_batch_and_once_for_reconcile(host: Host) -> None:
+    before = host.rt.count("list")
+    host.ask(host.start("a"))
+    assert host.rt.count("list") - before == 2
+
+
+def test_another_sync_holding_the_channel_is_reported_not_waited_for(host: Host) -> None:
+    with ChannelState.locked(host.cfg.broker.state_dir, CH):
+        with pytest.raises(ChannelLocked):
+            host.sync(wait=False)
+
+
+def test_status_lists_desired_sidecars_with_their_state(host: Host) -> None:
+    name = host.ask(host.start("a"))["sidecar"]
+    status = json.loads((host.chdir / "outbox" / "status.json").read_text())
+    assert [(s["name"], s["state"]) for s in status["sidecars"]] == [(name, "running")]
+    host.rt.crash(name)
+    st = host.engine.status(CH)
+    assert [(s["name"], s["state"], s["pid"]) for s in st["sidecars"]] == [(name, "exited", None)]
+    assert all(c.labels[LABEL_CHANNEL] == CH for c in host.rt.containers.values())
