@@ -297,7 +297,9 @@ def test_the_class_does_not_trust_a_pid_file(lab):
     decoy = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", pm["uuid"]])
     try:
         pid_file.write_text(f"{decoy.pid}\n")
-        assert pm["uuid"] in Path(f"/proc/{decoy.pid}/cmdline").read_text()
+        # Right after the fork the child may not have exec'd yet: wait for its own command line.
+        netlab.wait_for(lambda: pm["uuid"] in Path(f"/proc/{decoy.pid}/cmdline").read_text(), timeout=10,
+                        message="the decoy's command line")
         assert agent("pm_state_neutron", pid_file=str(pid_file), **pm)["active"] is True, "Neutron's is fooled"
         assert agent("pm_state", pid_file=str(pid_file), **pm) == {"ok": True, "active": False, "pid": None,
                                                                    "cmdline": None}
