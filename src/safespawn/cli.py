@@ -153,13 +153,15 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace, cfg: Config) -> int:
-    from .policy import Policy
+    from .policy import Policy, confinement_warnings
     from .runtime.checks import static_checks
 
-    Policy(cfg)  # loads and validates every profile the channels name
+    policy = Policy(cfg)  # loads and validates every profile the channels name
     for ch in cfg.channels.values():
         print(f"channel {ch.name}: image {ch.image}, profiles {', '.join(ch.profiles)}, "
               f"data dirs {', '.join(ch.data_dirs) or '-'}")
+    for w in confinement_warnings(cfg, policy):
+        print(f"WARNING: {w}", file=sys.stderr)
     failed = [c for c in static_checks(cfg) if not c.ok]
     for c in failed:
         print(f"{cfg.path}: {c.what}: {c.fix}", file=sys.stderr)

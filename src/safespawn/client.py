@@ -190,6 +190,7 @@ def _timeout_from_env() -> float:
 # The option that names the pid file each program writes, where it is on the command line.
 PID_FILE_OPTIONS = {
     "dnsmasq": "--pid-file",
+    "haproxy": "-p",  # added by the wrapper from the config's pidfile (haproxy_pid_file_args)
     "keepalived": "-p",
     "radvd": "-p",
     "neutron-keepalived-state-change": "--pid_file",
@@ -217,6 +218,33 @@ def option_value(argv: List[str], option: str) -> Optional[str]:
         elif a.startswith(option + "="):
             value = a[len(option) + 1:]
     return value
+
+
+def haproxy_pid_file_args(args: List[str]) -> List[str]:
+    """haproxy's args plus `-p PATH` for the `pidfile PATH` line of its `-f` config.
+
+    Neutron names haproxy's pid file in the config it writes, not on the command line. The host
+    writes pid files with the sidecar's host pid, but never parses a config the agent wrote: the
+    wrapper (on the agent's side, reading the agent's own file) names it on the command line.
+    haproxy 2.6 lets `-p` win over the config's `pidfile` ("'pidfile' already specified.
+    Continuing."), so the program's own write goes where the host's policy sends it.
+    """
+    if option_value(args, "-p") is not None:
+        return args
+    config = option_value(args, "-f")
+    if not config:
+        return args
+    try:
+        with open(config) as f:
+            text = f.read(1 << 20)
+    except (OSError, ValueError):
+        return args
+    pidfile = None
+    for line in text.splitlines():
+        words = line.split()
+        if len(words) == 2 and words[0] == "pidfile":
+            pidfile = words[1]
+    return args + ["-p", pidfile] if pidfile else args
 
 
 def _wait_for_pid_file(path: str, timeout: float) -> bool:
@@ -261,10 +289,12 @@ def wrapper_main(profile: str, channel_dir: str, argv: Optional[List[str]] = Non
 
     The netns is the one this process runs in (Neutron runs `ip netns exec NS dnsmasq ...`), or
     for programs Neutron starts from its own namespace, the one their arguments name. Blocks until
-    the host's reply; exits 0 once the sidecar runs (and has written its pid file), else 1 with
+    the host's reply; exits 0 once the sidecar runs (and its pid file holds a pid), else 1 with
     the reason on stderr.
     """
     args = program_args(list(sys.argv[1:] if argv is None else argv))
+    if profile == "haproxy":
+        args = haproxy_pid_file_args(args)
     netns = current_netns()
     if profile in NETNS_OPTIONS:
         netns = option_value(args, NETNS_OPTIONS[profile]) or netns
@@ -283,12 +313,11 @@ def wrapper_main(profile: str, channel_dir: str, argv: Optional[List[str]] = Non
 
 
 def _restore_pid_file(profile: str, pid_file: str, reply: Dict[str, Any]) -> None:
-    """Write the pid the host reported when the program did not write its pid file.
+    """Write the pid the host reported when no pid file appeared.
 
-    That happens when the sidecar was already running with the same arguments (the host changed
-    nothing) but Neutron had removed the pid file before calling the program: without it, Neutron
-    would never see the process as active. The pid is the sidecar's main process, which is what
-    each of these programs writes there itself.
+    The host writes the pid file (with the sidecar's host pid) before it replies, so this only
+    happens when the host refused to write it (something the agent planted at the path): the
+    agent then writes its own file itself. The pid is the sidecar's main host pid.
     """
     pid = reply.get("pid")
     if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 1:

@@ -46,6 +46,17 @@ class ChannelConfig:
     # Owner of inbox/ on the host: the agent's uid/gid as seen from the host.
     agent_uid: int = 0
     agent_gid: int = 0
+    # Host uid/gid the sidecars run as (podman --user, with the profile's capabilities as ambient
+    # ones); None = the agent's. The sidecar must be able to read what the agent writes in the data
+    # dirs and write leases/state files there: the agent's own uid needs no extra ownership.
+    sidecar_uid: int | None = None
+    sidecar_gid: int | None = None
+
+    @property
+    def sidecar_user(self) -> tuple[int, int]:
+        uid = self.agent_uid if self.sidecar_uid is None else self.sidecar_uid
+        gid = self.agent_gid if self.sidecar_gid is None else self.sidecar_gid
+        return uid, gid
 
 
 @dataclass(frozen=True)
@@ -109,6 +120,12 @@ def _positive(v: int, where: str) -> int:
     return v
 
 
+def _id(v: int | None, where: str) -> int | None:
+    if v is not None and not 0 <= v <= 4294967294:
+        raise ConfigError(f"{where}: must be a uid/gid from 0 to 4294967294")
+    return v
+
+
 def _abs_dir(v: Any, where: str) -> str:
     if not isinstance(v, str) or not v.startswith("/") or v != os.path.normpath(v) or v == "/":
         raise ConfigError(f"{where}: {v!r} must be a normalized absolute directory other than /")
@@ -140,6 +157,8 @@ def _parse_channel(name: str, t: dict[str, Any]) -> ChannelConfig:
                                     f"{where}.max_request_bytes"),
         agent_uid=_take(t, "agent_uid", int, where, _CHANNEL.agent_uid),
         agent_gid=_take(t, "agent_gid", int, where, _CHANNEL.agent_gid),
+        sidecar_uid=_id(_take(t, "sidecar_uid", int, where, None), f"{where}.sidecar_uid"),
+        sidecar_gid=_id(_take(t, "sidecar_gid", int, where, None), f"{where}.sidecar_gid"),
     )
     if t:
         raise ConfigError(f"{where}: unknown keys {', '.join(sorted(t))}")

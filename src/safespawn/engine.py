@@ -40,6 +40,7 @@ from .audit import AuditLog
 from .config import ChannelConfig, Config
 from .errors import BadRequest, ChannelUnsafe, ErrorCode, RuntimeFailed, SafespawnError
 from .inbox import ChannelDir, Entry
+from .pidfiles import PidFileKeeper
 from .policy import (
     ChannelView,
     Decision,
@@ -407,10 +408,12 @@ def _audit_outcome(audit: AuditLog, o: Outcome) -> None:
 class Reconciler:
     """Keeps a channel's containers converged on its desired state."""
 
-    def __init__(self, runtime: Runtime, policy: Policy, clock: Callable[[], float]) -> None:
+    def __init__(self, runtime: Runtime, policy: Policy, clock: Callable[[], float],
+                 pid_files: PidFileKeeper | None = None) -> None:
         self.runtime = runtime
         self.policy = policy
         self.clock = clock
+        self.pid_files = pid_files or PidFileKeeper()
 
     def reconcile(self, s: _Sync) -> None:
         """Respawn desired sidecars that died (with backoff), drop those the policy no longer allows,
@@ -437,6 +440,9 @@ class Reconciler:
                 audit.record("reconcile", d.request_id, f"dropped {name}: {e.message}", sidecar=name)
                 continue
             if c is not None and c.running and c.spec_hash == spec.spec_hash:
+                # Restarted by the runtime's restart policy (new pid), or the file was removed or
+                # replaced: every sync makes the pid files true again.
+                self.pid_files.refresh(s.channel.data_dirs, audit, spec, c.pid)
                 if d.failures:
                     state.desired[name] = DesiredSidecar(d.name, d.profile, d.netns, d.argv, d.request_id, d.since)
                     changed = True
@@ -450,11 +456,13 @@ class Reconciler:
                 # or a leftover Created/Exited container.
                 self._remove_quiet(s, name)
                 audit.record("reconcile", None, f"removed {name} ({c.state}): not desired", sidecar=name)
+        respawned: list[SidecarSpec] = []
         for d, spec in to_start:
             try:
                 if spec.name in listing:
                     self.runtime.remove(spec.name)
                 self.runtime.run(spec)
+                respawned.append(spec)
                 s.result.respawned += 1
                 audit.record("reconcile", d.request_id, f"respawned {spec.name}", sidecar=spec.name)
             except RuntimeFailed as e:
@@ -465,6 +473,16 @@ class Reconciler:
             changed = True
         if to_start:
             s.snapshot.invalidate()  # the respawned containers' pids are known only to a new listing
+        if any(r.pid_files for r in respawned):
+            try:
+                running = self.runtime.inspect([r.name for r in respawned])
+            except RuntimeFailed as e:
+                s.result.errors.append(e.message)
+                running = {}
+            for r in respawned:
+                c = running.get(r.name)
+                if c is not None and c.running:
+                    self.pid_files.refresh(s.channel.data_dirs, audit, r, c.pid, wait_child=1.0)
         if changed:
             state.save_desired()
 
@@ -516,7 +534,9 @@ class Engine:
         self.clock = clock
         self.actor = Actor(self.runtime, b.parallel_starts)
         self.verifier = Verifier(self.runtime, self.policy, b.start_settle_ms)
-        self.reconciler = Reconciler(self.runtime, self.policy, clock)
+        # The host writes the pid files Neutron reads, with host pids (docs/neutron.md, "Pid files").
+        self.pid_files = PidFileKeeper()
+        self.reconciler = Reconciler(self.runtime, self.policy, clock, self.pid_files)
 
     def sync_all(self) -> list[SyncResult]:
         return [self.sync(name) for name in sorted(self.config.channels)]
@@ -621,6 +641,11 @@ class Engine:
         planned = decide(self.policy, s, incoming, containers)
         acted = self.actor.act(s, planned, containers)
         outcomes = self.verifier.verify(acted, containers)
+        for o in outcomes:
+            if isinstance(o.decision, Start) and o.reply.ok:
+                # Before the reply: the wrapper returns on it, and Neutron reads the pid file next.
+                self.pid_files.refresh(s.channel.data_dirs, s.audit, o.decision.spec, o.reply.pid,
+                                       wait_child=1.0 if o.started else 0.0)
         update_desired(s.state, outcomes, self.clock())
         s.state.save_desired()
         # The next batch and reconcile list afresh: a sidecar may die right after its check, and

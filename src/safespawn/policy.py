@@ -15,6 +15,10 @@ A request chooses among what the host configured; it never adds to it.
 - The **channel** fixes the image, the mounted data dirs and the quotas.
 - The **netns** must fullmatch the profile's pattern, exist under /run/netns without links, be a
   network namespace, and not be the host's own.
+- **Pid files** the profile declares are the host's to write (host pids): the program gets a
+  private path in its own /run instead (`Profile.private_pid_args`).
+- A **pid** in a signal or stop reaches a sidecar only if it is the sidecar's main process or a
+  process of that sidecar's own pid namespace (`sidecar_for_pid`).
 
 Each branch carries an ALLOW or DENY comment naming the attack it stops.
 """
@@ -36,6 +40,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from . import pidfiles
 from .config import ChannelConfig, Config
 from .errors import BadRequest, ConfigError, Interrupted, NotFound, PolicyDenied, QuotaExceeded
 from .request import SIGNALS, Request, has_control_char
@@ -169,6 +174,40 @@ class Profile:
     netns_option: str | None = None
     rules: dict[str, ArgRule] = field(default_factory=dict)
     description: str = ""
+    # option -> "main" (the sidecar's main process) | "child" (its first child: keepalived's VRRP
+    # process); the host writes these files with host pids, the program writes a private copy.
+    pid_files: dict[str, str] = field(default_factory=dict)
+
+    def private_pid_args(self, argv: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
+        """argv with each pid-file value replaced by a private path in the sidecar's own /run, and
+        the (requested path, what it holds) pairs the host writes instead. argv is already checked.
+
+        The program's own write (its namespace pid, e.g. 1) then never reaches the agent's data dir.
+        """
+        out: list[str] = []
+        files: list[tuple[str, str]] = []
+        options: list[str] = []
+        i = 0
+        while i < len(argv):
+            arg = argv[i]
+            i += 1
+            name, eq, value = arg.partition("=")
+            if arg in self.pid_files and self.rules[arg].separate and i < len(argv):
+                options.append(arg)
+                files.append((argv[i], self.pid_files[arg]))
+                out += [arg, _private_pid_path(arg, argv[i])]
+                i += 1
+            elif eq and name in self.pid_files and not self.rules[name].separate:
+                options.append(name)
+                files.append((value, self.pid_files[name]))
+                out.append(f"{name}={_private_pid_path(name, value)}")
+            else:
+                out.append(arg)
+        # DENY: a pid-file option given twice, or two options naming one file: the host would
+        # keep writing a file the program does not use, or two truths into one file.
+        if len(set(options)) != len(options) or len({f for f, _ in files}) != len(files):
+            raise PolicyDenied(f"each pid-file option of {self.name} may be given once, naming distinct files")
+        return tuple(out), tuple(files)
 
     def check_argv(self, argv: tuple[str, ...], data_dirs: tuple[str, ...]) -> dict[str, list[str]]:
         """Every argument must match one rule. Returns the options seen with their values."""
@@ -201,6 +240,20 @@ class Profile:
             rule.check_value(value, data_dirs)
             seen.setdefault(name, []).append(value)
         return seen
+
+
+def _private_pid_path(option: str, requested: str) -> str:
+    """Where the program writes its own pid file: its private /run tmpfs, never the data dir.
+
+    The name keeps the requested file's name: Neutron's liveness check looks for the resource's
+    uuid in /proc/PID/cmdline, and for some programs (the state-change monitor: ROUTER.monitor.pid)
+    the pid file's name is the only place the uuid appears.
+    """
+    base = os.path.basename(requested)
+    # DENY: a name that would not fit in one directory entry with the prefix.
+    if not base or len(base) > 200:
+        raise PolicyDenied(f"pid file name {base[:80]!r} is empty or longer than 200 characters")
+    return "/run/safespawn" + re.sub(r"[^A-Za-z0-9]+", "-", option) + "-" + base
 
 
 def _rule(option: str, t: dict[str, Any], where: str) -> ArgRule:
@@ -270,6 +323,17 @@ def parse_profile(data: dict[str, Any], where: str) -> Profile:
         raise ConfigError(f"{where}: key_from names an option that is not in args")
     if netns != "required" and key_from == "netns":
         raise ConfigError(f"{where}: a profile whose netns is not required needs key_from = OPTION")
+    pid_files = d.pop("pid_files", {})
+    if not isinstance(pid_files, dict):
+        raise ConfigError(f"{where}: pid_files must be a table of option = \"main\" | \"child\"")
+    for opt, kind in pid_files.items():
+        if opt not in rules or rules[opt].type != "path":
+            raise ConfigError(f"{where}.pid_files: {opt!r} is not a path option in args")
+        if kind not in ("main", "child"):
+            raise ConfigError(f"{where}.pid_files.{opt}: must be \"main\" or \"child\"")
+    tmpfs = tuple(d.pop("tmpfs", ["/run", "/tmp"]))
+    if pid_files and "/run" not in tmpfs:
+        raise ConfigError(f"{where}: pid_files needs /run in tmpfs (the program's private pid file goes there)")
     p = Profile(
         name=name,
         command=command,
@@ -280,11 +344,12 @@ def parse_profile(data: dict[str, Any], where: str) -> Profile:
         stop_grace=int(d.pop("stop_grace", 10)),
         pid_host=pid_host,
         read_only=bool(d.pop("read_only", True)),
-        tmpfs=tuple(d.pop("tmpfs", ["/run", "/tmp"])),
+        tmpfs=tmpfs,
         key_from=key_from,
         netns_option=netns_option,
         rules=rules,
         description=str(d.pop("description", "")),
+        pid_files=dict(pid_files),
     )
     if d:
         raise ConfigError(f"{where}: unknown keys {', '.join(sorted(d))}")
@@ -557,7 +622,9 @@ class Policy:
     def _target(self, channel: ChannelConfig, request: Request, view: ChannelView) -> tuple[str, Profile]:
         """The sidecar a signal or stop names (by pid, or by profile + netns), and its profile."""
         if request.pid is not None:
-            c = view.by_pid.get(request.pid)
+            # The sidecar's main pid, or any process of its own pid namespace (sidecar_for_pid).
+            main = sidecar_for_pid(request.pid, view.by_pid)
+            c = view.by_pid.get(main) if main is not None else None
             # DENY: a pid that is not one of this channel's running sidecars (a host process,
             # another channel's sidecar, a pid reused after a sidecar died), or whose profile is not
             # the one the request names.
@@ -645,6 +712,13 @@ class Policy:
                                    f"({netns})")
         netns_path = self.check_netns(profile, netns)
         key = self.sidecar_key(profile, netns, seen)
+        args, pid_files = profile.private_pid_args(argv)
+        uid, gid = channel.sidecar_user
+        caps = profile.capabilities
+        if uid != 0:
+            # DENY: SETUID/SETGID as ambient capabilities would let an unprivileged sidecar
+            # setuid(0); a program that "drops" to the uid it already runs as needs neither.
+            caps = tuple(c for c in caps if c not in ("SETUID", "SETGID"))
         # ALLOW: everything below comes from the profile and the channel; the request only chose
         # the profile, the (checked) netns and the (checked) arguments that follow the image.
         return SidecarSpec(
@@ -656,13 +730,15 @@ class Policy:
             netns_path=netns_path,
             image=channel.image,
             entrypoint=profile.command,
-            args=argv,
-            capabilities=profile.capabilities,
+            args=args,
+            capabilities=caps,
             mounts=channel.data_dirs,
             tmpfs=profile.tmpfs,
             pid_host=profile.pid_host,
             read_only=profile.read_only,
             stop_grace=profile.stop_grace,
+            pid_files=pid_files,
+            user=f"{uid}:{gid}",
         )
 
     def target_name(self, channel: ChannelConfig, request: Request) -> str:
@@ -684,3 +760,43 @@ class Policy:
         if signal in ("TERM", "INT", "QUIT"):
             return SignalDecision(signal, "stop")
         return SignalDecision(signal, "deliver")
+
+
+def sidecar_for_pid(pid: int, main_pids: Iterable[int], host_pidns: tuple[int, int] | None = None) -> int | None:
+    """The main pid of the sidecar that `pid` belongs to, or None.
+
+    Neutron's kill scripts send the pid they read from a pid file: the main process, or for
+    keepalived the VRRP child (KeepalivedManager's `-r` file). Both reach their sidecar.
+    """
+    mains = set(main_pids)
+    if pid in mains:
+        # ALLOW: the sidecar's main process, as the runtime reports it.
+        return pid
+    ns = pidfiles.pid_namespace(pid)
+    host = host_pidns if host_pidns is not None else pidfiles.pid_namespace(os.getpid())
+    # DENY: a process in the host's pid namespace (a host process, or a sidecar's process when a
+    # custom profile shares the host's pid namespace) is never "inside" a sidecar.
+    if ns is None or ns == host:
+        return None
+    for main in sorted(mains):
+        # ALLOW: a process of the sidecar's own pid namespace (only that sidecar's processes live there).
+        if pidfiles.pid_namespace(main) == ns:
+            return main
+    # DENY: anything else (another channel's sidecar, a reused pid): "No such process".
+    return None
+
+
+def confinement_warnings(config: Config, policy: Policy) -> list[str]:
+    """What `check-config` warns about loudly: configured, allowed, and unsafe."""
+    out = []
+    for ch in sorted(config.channels.values(), key=lambda c: c.name):
+        for name in ch.profiles:
+            if policy.profiles[name].pid_host:
+                out.append(f"channel {ch.name}: profile {name} sets pid_host = true: its sidecars share the "
+                           "host's pid namespace and can signal every host process of their uid (with uid 0: "
+                           "every root process). Unsafe; see docs/security.md")
+        if ch.sidecar_user[0] == 0:
+            out.append(f"channel {ch.name}: sidecars run as host uid 0 (set agent_uid or sidecar_uid): a "
+                       "compromised sidecar is root on every file its mounts reach; see docs/security.md, "
+                       "\"Sidecar uids\"")
+    return out

@@ -43,6 +43,9 @@ class SidecarSpec:
     stop_grace: int
     restart_retries: int = 5
     pids_limit: int = 256
+    # (path the agent named, "main" | "child"): pid files the host writes with host pids.
+    pid_files: tuple[tuple[str, str], ...] = ()
+    user: str = "0:0"  # host uid:gid the program runs as (--user)
 
     @property
     def spec_hash(self) -> str:

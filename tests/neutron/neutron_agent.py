@@ -162,6 +162,23 @@ def pm_disable(a):
     return {'active': pm.active, 'pid_before': pid}
 
 
+def monitor_check(a):
+    """One pass of Neutron's ProcessMonitor over what it monitors; which services it respawned."""
+    respawned = []
+    execute = MONITOR._execute_action
+
+    def record(service_id):
+        respawned.append('%s/%s' % (service_id.uuid, service_id.service))
+        return execute(service_id)
+
+    MONITOR._execute_action = record
+    try:
+        MONITOR._check_child_processes()
+    finally:
+        MONITOR._execute_action = execute
+    return {'respawned': respawned}
+
+
 # -- metadata proxy --------------------------------------------------------------------------------
 def metadata_spawn(a):
     """The DHCP agent's call (isolated network metadata): haproxy on 169.254.169.254:80."""
@@ -266,7 +283,7 @@ def radvd_disable(a):
 
 
 OPS = {f.__name__: f for f in (radvd_enable, radvd_disable, dhcp_enable, dhcp_reload, dhcp_disable, pm_state, pm_enable, pm_reload_cfg,
-                                pm_disable, metadata_spawn, metadata_destroy, ha_spawn, ha_state, ha_disable)}
+                                pm_disable, monitor_check, metadata_spawn, metadata_destroy, ha_spawn, ha_state, ha_disable)}
 
 
 def main():

@@ -140,6 +140,11 @@ def _kill_escaped_sidecars(tmp_path: Path) -> None:
                 pass
 
 
+def tmp_path_of(broker: Broker) -> Path:
+    """The folder the neutron fixture installed the wrappers and kill scripts into."""
+    return broker.root.parent / "wrappers"
+
+
 def running(broker: Broker) -> list[dict[str, Any]]:
     return [c for c in broker.containers() if c["State"] == "running"]
 
@@ -205,7 +210,11 @@ def test_dnsmasq_lifecycle_through_neutrons_process_manager(neutron):
         assert r["active"] and r["namespace"] == pair.server_ns
         [c] = running(broker)
         assert c["Pid"] == r["pid"], "the pid file Neutron reads names the sidecar's process"
-        assert r["argv"][:2] == ["dnsmasq", "-k"] and f"--pid-file={pid_file}" in r["argv"]
+        assert r["argv"][:2] == ["dnsmasq", "-k"]
+        # dnsmasq writes its own (namespace) pid into its private /run; the host wrote the host pid
+        # at the path Neutron named.
+        assert "--pid-file=/run/safespawn-pid-file-pid" in r["argv"] and pid_file not in " ".join(r["argv"])
+        assert Path(pid_file).read_text() == f"{c['Pid']}\n"
         assert netlab.dhcp_lease(pair.client_ns, pair.client_if)["ip"] == pair.host(50)
 
         # The agent restarts: a fresh ProcessManager sees the sidecar active and starts nothing.
@@ -328,6 +337,20 @@ def test_ha_router_keepalived_becomes_master_and_the_state_change_monitor_report
             mon_argv = cmdline(st["monitor_pid"])
             assert f"{router_id}.monitor" in " ".join(mon_argv) and "--namespace" in mon_argv
 
+            # The VRRP child's pid file (KeepalivedManager.check_processes reads it) holds the host pid
+            # of the keepalived main process's child, and a kill script given that pid reaches the
+            # sidecar; a host process's pid does not.
+            vrrp_pid = int(Path(r["keepalived_pid_file"] + "-vrrp").read_text())
+            assert Path(f"/proc/{vrrp_pid}/status").read_text().count(f"PPid:\t{st['keepalived_pid']}\n") == 1
+            kill = tmp_path_of(broker) / "keepalived-kill"
+            ok = subprocess.run([str(kill), "HUP", str(vrrp_pid)], capture_output=True, text=True, timeout=60)
+            assert ok.returncode == 0, ok.stderr
+            host = subprocess.run([str(kill), "HUP", str(os.getpid())], capture_output=True, text=True, timeout=60)
+            assert host.returncode == 1 and "No such process" in host.stderr
+            hups = [e for e in broker.audit() if e.get("op") == "signal"]
+            assert [(e["decision"], e.get("sidecar")) for e in hups][-2:] == [
+                ("allow", by_profile["keepalived"]["Names"][0]), ("deny", None)]
+
             # The agent restarts; both still run. Then the router goes: TERM to both, both removed.
             agent.stop()
             agent = new_agent()
@@ -385,3 +408,65 @@ def test_radvd_router_advertisements_through_neutrons_ra_daemon_monitor(neutron)
         # The router loses its IPv6 ports: radvd-kill 9 PID, the sidecar is removed.
         assert agent("radvd_disable", router_id=router_id)["active"] is False
         assert broker.containers() == []
+
+
+# -- pid files across restarts ---------------------------------------------------------------------
+
+# How soon after a sidecar restarts a fresh ProcessManager sees it active again: the broker's next
+# full sync (reconcile_interval, 2 s here) rewrites the pid file, plus podman's restart itself.
+RESTART_BOUND = 2 + 3.0
+
+
+def test_a_restarted_sidecar_is_seen_active_again_and_a_healthy_one_is_never_respawned(neutron):
+    broker, new_agent = neutron(["dnsmasq"], broker_extra="reconcile_interval = 2")
+    net_id, sub_id = str(uuid.uuid4()), str(uuid.uuid4())
+    with NetnsPair(server_ns=f"qdhcp-{net_id}") as pair:
+        ports = [{"mac": netlab.get_mac(pair.server_ns, pair.server_if), "ip": pair.server_ip,
+                  "owner": "network:dhcp"}]
+        net = {"network_id": net_id, "subnet_id": sub_id, "cidr": str(pair.network), "interface": pair.server_if}
+        pid_file = broker.data_dir / "dhcp" / net_id / "pid"
+        pm = {"uuid": net_id, "namespace": pair.server_ns, "service": "dnsmasq", "pid_file": str(pid_file)}
+        agent = new_agent()
+        first = agent("dhcp_enable", ports=ports, **net)
+        assert first["active"]
+        [c] = running(broker)
+        assert agent("monitor_check") == {"ok": True, "respawned": []}, "a healthy sidecar is left alone"
+
+        def seen_active_with_a_new_pid(old: int) -> dict[str, Any]:
+            def check() -> dict[str, Any] | None:
+                s = agent("pm_state", **pm)  # a fresh ProcessManager each time, as a restarted agent builds
+                return s if s["active"] and s["pid"] != old else None
+
+            return netlab.wait_for(check, timeout=RESTART_BOUND, interval=0.3,
+                                   message=f"a fresh ProcessManager sees the sidecar active within {RESTART_BOUND}s")
+
+        # 1. The runtime's restart policy: dnsmasq dies (SIGKILL from the host), podman restarts the
+        #    same container with a new process; the broker's next sync rewrites the pid file.
+        os.kill(first["pid"], 9)
+        after_runtime = seen_active_with_a_new_pid(first["pid"])
+        [c2] = running(broker)
+        assert c2["Id"] == c["Id"] and c2["Pid"] == after_runtime["pid"], "restarted by podman, not replaced"
+        assert pid_file.read_text() == f"{c2['Pid']}\n"
+
+        # 2. The broker's respawn: the container is gone; reconcile runs a new one and writes its pid.
+        subprocess.run(["podman", "rm", "-f", "-t", "0", c["Id"]], check=True, capture_output=True, timeout=60)
+        after_respawn = seen_active_with_a_new_pid(after_runtime["pid"])
+        [c3] = running(broker)
+        assert c3["Id"] != c["Id"] and c3["Pid"] == after_respawn["pid"]
+        assert agent("monitor_check") == {"ok": True, "respawned": []}, "nothing to respawn: it runs"
+        assert len(running(broker)) == 1
+
+        # 3. Neutron's ProcessMonitor looks in the window between a crash and the broker's next sync:
+        #    it sees the old pid dead and calls the program again, once; that start (the same spec)
+        #    makes the pid file true at once, and the next pass finds nothing to do: no respawn loop.
+        os.kill(after_respawn["pid"], 9)
+        assert agent("monitor_check")["respawned"] == [f"{net_id}/dnsmasq"]
+        now = agent("pm_state", **pm)
+        assert now["active"] and now["pid"] != after_respawn["pid"]
+        assert agent("monitor_check") == {"ok": True, "respawned": []}
+        assert [x["Pid"] for x in running(broker)] == [now["pid"]], "still exactly one dnsmasq"
+
+        # 4. Killed for good (Neutron's own disable with SIGKILL): a fresh ProcessManager sees it inactive.
+        assert agent("pm_disable", sig="9", **pm)["active"] is False
+        assert broker.containers() == []
+        assert agent("pm_state", **pm)["active"] is False

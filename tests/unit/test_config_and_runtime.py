@@ -82,3 +82,86 @@ def test_submit_start_separates_its_options_from_the_programs(tmp_path, monkeypa
     monkeypatch.setattr(client, "submit", fake_submit)
     assert cli.main(["submit", "--channel-dir", str(tmp_path), *cmdline]) == 0
     assert (seen["netns"], seen["argv"]) == (netns, argv)
+
+
+# -- sidecar uids and the host pid namespace -----------------------------------------------------
+
+def _spec(channel_extra, profile="dnsmasq"):
+    cfg = parse_config({**CFG, "channels": {"neutron-dhcp": {**CFG["channels"]["neutron-dhcp"],
+                                                             "profiles": [profile], **channel_extra}}})
+    policy = Policy(cfg, host_ns=[])
+    policy.check_netns = lambda profile, netns: f"/run/netns/{netns}"  # type: ignore[method-assign]
+    ns = "qdhcp-11111111-2222-3333-4444-555555555555"
+    return policy.authorize_start(cfg.channel("neutron-dhcp"), Request("a" * 32, "start", profile, ns, ("--no-hosts",)))
+
+
+def test_sidecars_run_as_the_agents_uid_by_default_and_as_sidecar_uid_when_set():
+    assert _spec({}).user == "0:0"
+    assert _spec({"agent_uid": 42435, "agent_gid": 42436}).user == "42435:42436"
+    spec = _spec({"agent_uid": 42435, "agent_gid": 42435, "sidecar_uid": 200001, "sidecar_gid": 200002})
+    assert spec.user == "200001:200002"
+    cmd = run_argv(spec)
+    assert "--user=200001:200002" in cmd[:cmd.index("localhost/example:latest")]
+    assert "--pid=host" not in cmd
+
+
+def test_a_non_root_sidecar_never_gets_setuid_or_setgid():
+    root = _spec({})
+    assert {"SETUID", "SETGID"} <= set(root.capabilities), "dnsmasq as root drops to its own user"
+    unpriv = _spec({"sidecar_uid": 200001, "sidecar_gid": 200001})
+    assert set(unpriv.capabilities) == set(root.capabilities) - {"SETUID", "SETGID"}
+
+
+@pytest.mark.parametrize("key,value", [("sidecar_uid", -1), ("sidecar_gid", 2**32), ("sidecar_uid", "0"),
+                                       ("sidecar_uid", True)])
+def test_a_bad_sidecar_uid_is_a_config_error(key, value):
+    with pytest.raises(ConfigError, match=key):
+        parse_config({**CFG, "channels": {"c": {"image": "x", "profiles": ["dnsmasq"], key: value}}})
+
+
+def test_check_config_warns_about_root_sidecars_and_pid_host(tmp_path, capsys):
+    from safespawn.cli import main
+
+    profiles = tmp_path / "profiles"
+    profiles.mkdir()
+    text = load_profile_text("dnsmasq").replace("pid_host = false", "pid_host = true")
+    (profiles / "dnsmasq.toml").write_text(text)
+    cfg = tmp_path / "safespawn.toml"
+    cfg.write_text(f'[broker]\nprofiles_dir = "{profiles}"\n'
+                   '[channels.a]\nimage = "x"\nprofiles = ["dnsmasq"]\n'
+                   '[channels.b]\nimage = "x"\nprofiles = ["haproxy"]\nagent_uid = 42435\nagent_gid = 42435\n')
+    assert main(["--config", str(cfg), "check-config"]) == 0
+    err = capsys.readouterr().err
+    assert "channel a: profile dnsmasq sets pid_host = true" in err
+    assert "channel a: sidecars run as host uid 0" in err
+    assert "channel b" not in err
+
+
+def load_profile_text(name):
+    from importlib import resources
+
+    return resources.files("safespawn.profiles").joinpath(f"{name}.toml").read_text()
+
+
+def test_remove_retries_once_when_podman_loses_the_race_with_a_restart(tmp_path):
+    from safespawn.errors import RuntimeFailed
+    from safespawn.runtime.podman import PodmanRuntime
+
+    calls = tmp_path / "calls"
+    fake = tmp_path / "podman"
+    fake.write_text(f"""#!/bin/sh
+echo "$@" >> {calls}
+n=$(wc -l < {calls})
+if [ "$n" -eq 1 ] || [ "$1" = "fail" ]; then
+  echo "Error: cannot remove container X as it could not be stopped: container state improper: stopped" >&2
+  exit 2
+fi
+exit 0
+""")
+    fake.chmod(0o755)
+    PodmanRuntime(str(fake)).remove("c1")
+    assert calls.read_text().count("rm --force --ignore --time=0 -- c1") == 2
+    # Any other failure is not retried.
+    fake.write_text("#!/bin/sh\necho \"Error: boom\" >&2\nexit 125\n")
+    with pytest.raises(RuntimeFailed, match="boom"):
+        PodmanRuntime(str(fake)).remove("c1")

@@ -9,6 +9,7 @@ options, isolated/forced metadata, legacy and HA routers, radvd, the OVN metadat
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,22 @@ def _start(e: dict[str, Any], argv: list[str], netns: str | None = None) -> Requ
     return Request("0" * 32, "start", e["program"], netns if netns is not None else _netns(e, argv), tuple(argv))
 
 
+def _with_private_pid_files(argv: list[str], profile: Any) -> tuple[list[str], list[str]]:
+    """argv as the sidecar gets it, and the pid files the host writes (what the policy must do)."""
+    out, requested = [], []
+    for i, a in enumerate(argv):
+        opt, eq, value = a.partition("=")
+        if i and argv[i - 1] in profile.pid_files:
+            requested.append(a)
+            out.append(f"/run/safespawn-{argv[i - 1].lstrip('-').replace('_', '-')}-{os.path.basename(a)}")
+        elif eq and opt in profile.pid_files:
+            requested.append(value)
+            out.append(f"{opt}=/run/safespawn-{opt.lstrip('-').replace('_', '-')}-{os.path.basename(value)}")
+        else:
+            out.append(a)
+    return out, requested
+
+
 ACCEPTED = [e for e in CMDLINES if not any(OPERATOR_CONF_FILE.fullmatch(a) for a in e["argv"])]
 
 
@@ -81,7 +98,14 @@ def test_neutron_command_line_is_accepted(entry: dict[str, Any], monkeypatch: py
     argv = client.program_args(entry["argv"])  # what the wrapper forwards
     policy, channel = _policy(monkeypatch, _data_dirs(argv))
     spec = policy.authorize_start(channel, _start(entry, argv))
-    assert spec.args == tuple(argv)
+    # Every argument goes through unchanged except the pid files' values: the program writes its
+    # own (namespace) pid into its private /run, and the host writes the host pid at Neutron's path.
+    profile = _profile(entry["program"])
+    expected, requested = _with_private_pid_files(argv, profile)
+    assert spec.args == tuple(expected)
+    assert [path for path, _ in spec.pid_files] == requested
+    if entry["program"] != "haproxy":  # haproxy names its pid file in its config; the wrapper adds -p
+        assert requested, "Neutron names a pid file on every command line it runs"
     assert spec.entrypoint == _profile(entry["program"]).command
     assert spec.netns == _netns(entry, argv)
     if entry["netns"]:

@@ -246,3 +246,18 @@ def test_cli_install_takes_the_channel_dir_from_an_explicit_config_without_touch
     assert main(["--config", str(cfg), "wrappers", "install", "--channel", "neutron-l3", str(tmp_path / "a")]) == 0
     assert f"CHANNEL_DIR = '{tmp_path}/given/neutron-l3'" in (tmp_path / "a" / "keepalived").read_text()
     assert dict(os.environ) == before  # the config is passed as a value, not through the environment
+
+
+def test_the_haproxy_wrapper_names_the_configs_pidfile_on_the_command_line(tmp_path):
+    from safespawn import client
+
+    cfg = tmp_path / "net.conf"
+    cfg.write_text("global\n    log /dev/log local0 debug\n    pidfile     /var/lib/neutron/external/pids/net.pid\n"
+                   "    daemon\n")
+    assert client.haproxy_pid_file_args(["-f", str(cfg)]) == \
+        ["-f", str(cfg), "-p", "/var/lib/neutron/external/pids/net.pid"]
+    # Already named, no config, no pidfile line: unchanged (the host's policy still checks -p).
+    assert client.haproxy_pid_file_args(["-f", str(cfg), "-p", "/x"]) == ["-f", str(cfg), "-p", "/x"]
+    assert client.haproxy_pid_file_args(["-f", str(tmp_path / "missing")]) == ["-f", str(tmp_path / "missing")]
+    cfg.write_text("global\n    daemon\n")
+    assert client.haproxy_pid_file_args(["-f", str(cfg)]) == ["-f", str(cfg)]

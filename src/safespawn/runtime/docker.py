@@ -44,7 +44,7 @@ def run_argv(spec: SidecarSpec, docker: str = "docker", oci_runtime: str = DEFAU
         # Read by the OCI runtime, which checks the name again before the container joins it.
         argv += [f"--env={ENV_NETNS}={spec.netns}", f"--env={ENV_PROFILE}={spec.profile}"]
     argv += ["--cap-drop=ALL"] + [f"--cap-add={c}" for c in spec.capabilities]
-    argv += ["--security-opt=no-new-privileges"]
+    argv += ["--security-opt=no-new-privileges", f"--user={spec.user}"]
     # Docker's default on cgroup v1 hosts is the host's cgroup namespace; podman's is private.
     argv.append("--cgroupns=private")
     if spec.pid_host:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import subprocess
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,7 +32,7 @@ def run_argv(spec: SidecarSpec, podman: str = "podman") -> list[str]:
     else:
         argv.append("--network=none")
     argv += ["--cap-drop=ALL"] + [f"--cap-add={c}" for c in spec.capabilities]
-    argv += ["--security-opt=no-new-privileges"]
+    argv += ["--security-opt=no-new-privileges", f"--user={spec.user}"]
     if spec.pid_host:
         argv.append("--pid=host")
     if spec.read_only:
@@ -130,7 +131,16 @@ class PodmanRuntime:
         self.remove(name)
 
     def remove(self, name: str) -> None:
-        self._run(["rm", "--force", "--ignore", "--time=0", "--", name])
+        try:
+            self._run(["rm", "--force", "--ignore", "--time=0", "--", name])
+        except RuntimeFailed as e:
+            # Seen under load: a container that podman's restart policy is restarting stops
+            # between rm's check and its kill ("container state improper: stopped"); a second
+            # rm finds it stopped and removes it.
+            if "state improper" not in e.message:
+                raise
+            time.sleep(0.2)
+            self._run(["rm", "--force", "--ignore", "--time=0", "--", name])
 
     def logs(self, name: str, lines: int = 20) -> str:
         try:

@@ -1,0 +1,224 @@
+"""Pid files in the agent's data dir, written by the host with the sidecar's HOST pid.
+
+A sidecar runs in its own pid namespace, so the pid its program would write (1, or a small number)
+means nothing to Neutron, which reads the pid file and then /proc/PID/cmdline. The profile names the
+options that are pid files (``[pid_files]``); the policy gives the program a private path in its
+own /run instead, and the broker writes the host pid at the path the agent asked for:
+
+    write_pid_file("/var/lib/neutron/dhcp/NET/pid", 12345, ["/var/lib/neutron"])
+
+The data dir is the agent's: anything can be planted at that path or above it (a symlink to
+/etc/shadow, a FIFO, a directory, a hard link to a host file, a symlinked parent). So, from the
+data dir's root: every directory component is opened with O_NOFOLLOW|O_DIRECTORY and must stay on
+the data dir's filesystem; the new content goes into a fresh O_EXCL temp file in the final
+directory, is fsync'd, and is renamed over the target. rename(2) replaces the directory entry
+itself: it never follows a symlink, never writes into a hard-linked inode, and replaces a FIFO
+without opening it. A directory at the path is refused. Nothing here ever creates a directory.
+Because the walk holds directory fds, a component swapped for a symlink after it was opened does
+not redirect the write; a directory renamed elsewhere stays inside the data dir's mount (rename
+across mounts fails), so the write still lands under the data dir.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import secrets
+import stat
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+from .audit import AuditLog
+from .files import write_all
+from .sidecar import SidecarSpec
+
+log = logging.getLogger(__name__)
+
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+MAX_PID_FILE = 64
+
+
+class PidFileRefused(Exception):
+    """The pid file's path is not one the host may write; the reason is the message."""
+
+
+def _split(path: str, data_dirs: Sequence[str]) -> tuple[str, list[str], str]:
+    """(data dir root, directory components below it, file name) for a path under a data dir."""
+    # DENY: anything but a normalized absolute path (.., //, a trailing /) could leave the root.
+    if not path.startswith("/") or os.path.normpath(path) != path or "\0" in path:
+        raise PidFileRefused(f"{path[:120]!r} is not a normalized absolute path")
+    for root in sorted(data_dirs, key=len, reverse=True):
+        root = root.rstrip("/")
+        if path.startswith(root + "/"):
+            parts = path[len(root) + 1:].split("/")
+            return root, parts[:-1], parts[-1]
+    # DENY: the host never writes a pid file outside the channel's data dirs.
+    raise PidFileRefused(f"{path[:120]!r} is outside the channel's data dirs")
+
+
+@contextmanager
+def _final_dir(path: str, data_dirs: Sequence[str]) -> Iterator[tuple[int, str]]:
+    """The open fd of the pid file's directory (reached without following any link) and its name."""
+    root, dirs, name = _split(path, data_dirs)
+    try:
+        fd = os.open(root, DIR_FLAGS)
+    except OSError as e:
+        raise PidFileRefused(f"data dir {root}: {e.strerror}") from None
+    try:
+        root_dev = os.fstat(fd).st_dev
+        for part in dirs:
+            try:
+                nfd = os.open(part, DIR_FLAGS, dir_fd=fd)
+            except OSError as e:
+                # DENY: a symlink (ELOOP/ENOTDIR with O_NOFOLLOW) or a non-directory at a parent.
+                why = "is a symlink or not a directory" if e.errno in (errno.ELOOP, errno.ENOTDIR) else e.strerror
+                raise PidFileRefused(f"{path[:120]!r}: component {part[:80]!r} {why}") from None
+            os.close(fd)
+            fd = nfd
+            # DENY: a mount point inside the data dir (a bind mount of a host directory there).
+            if os.fstat(fd).st_dev != root_dev:
+                raise PidFileRefused(f"{path[:120]!r}: component {part[:80]!r} is on another filesystem")
+        yield fd, name
+    finally:
+        os.close(fd)
+
+
+def write_pid_file(path: str, pid: int, data_dirs: Sequence[str]) -> None:
+    """Make `path` hold `pid`, replacing whatever entry is there; raises PidFileRefused or OSError."""
+    if pid <= 0:
+        raise ValueError("a pid file holds a positive pid")
+    with _final_dir(path, data_dirs) as (dfd, name):
+        try:
+            st: os.stat_result | None = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        except FileNotFoundError:
+            st = None
+        # DENY: a directory at the path; rename would fail on it, and the program could not use it either.
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            raise PidFileRefused(f"{path[:120]!r} is a directory")
+        tmp = f".{name[:64]}.safespawn-{secrets.token_hex(6)}"
+        # O_EXCL|O_NOFOLLOW: a fresh inode of our own, whatever was planted under a guessed name.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
+                     dir_fd=dfd)
+        try:
+            os.fchmod(fd, 0o644)  # Neutron reads it as the agent's user
+            write_all(fd, f"{pid}\n".encode())
+            os.fsync(fd)
+            os.close(fd)
+            fd = -1
+            # rename replaces the entry (symlink, FIFO, hard link, file) without opening it.
+            os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+            try:
+                os.unlink(tmp, dir_fd=dfd)
+            except OSError:
+                pass
+            raise
+
+
+def read_pid_file(path: str, data_dirs: Sequence[str]) -> int | None:
+    """The pid a plain, singly linked pid file holds, else None (absent, planted, or garbage).
+
+    Only used to decide whether to rewrite: None means "rewrite it".
+    """
+    try:
+        with _final_dir(path, data_dirs) as (dfd, name):
+            # O_NONBLOCK: a FIFO planted at the path must not hang the broker.
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
+            try:
+                st = os.fstat(fd)
+                # A FIFO, a device or a hard link to some other file: not ours, rewrite it.
+                if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+                    return None
+                text = os.read(fd, MAX_PID_FILE)
+            finally:
+                os.close(fd)
+    except (OSError, PidFileRefused):
+        return None
+    s = text.strip()
+    return int(s) if s.isdigit() and len(s) < 11 else None
+
+
+def child_pids(pid: int) -> list[int]:
+    """The host pids of `pid`'s children (keepalived's VRRP child is the main process's child)."""
+    found: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for tid in sorted(tasks):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                found += [int(x) for x in f.read().split()]
+        except (OSError, ValueError):
+            continue
+    return sorted(set(found))
+
+
+def pid_namespace(pid: int) -> tuple[int, int] | None:
+    """(dev, inode) of a process's pid namespace, or None if it is gone or not visible."""
+    try:
+        st = os.stat(f"/proc/{pid}/ns/pid")
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def wanted_pid(kind: str, main_pid: int) -> int | None:
+    """What a pid file of this kind should hold now: the main pid, or its (first) child's."""
+    if kind == "main":
+        return main_pid
+    children = child_pids(main_pid)
+    return children[0] if children else None
+
+
+def refresh(pid_files: Sequence[tuple[str, str]], main_pid: int, data_dirs: Sequence[str],
+            wait_child: float = 0.0) -> list[tuple[str, str]]:
+    """Make each pid file hold the sidecar's current host pid; returns the refusals (path, why).
+
+    Cheap when nothing changed (one read per file): it runs on every start, every respawn and
+    every sync, so a restart by the runtime's restart policy is caught by the next sync.
+    `wait_child`: after a start, how long to wait for a child (keepalived forks its VRRP process
+    during start-up).
+    """
+    refused: list[tuple[str, str]] = []
+    deadline = time.monotonic() + wait_child
+    for path, kind in pid_files:
+        want = wanted_pid(kind, main_pid)
+        while want is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+            want = wanted_pid(kind, main_pid)
+        if want is None or read_pid_file(path, data_dirs) == want:
+            continue
+        try:
+            write_pid_file(path, want, data_dirs)
+        except PidFileRefused as e:
+            refused.append((path, str(e)))
+        except OSError as e:
+            refused.append((path, f"{path[:120]!r}: {e.strerror or e}"))
+    return refused
+
+
+class PidFileKeeper:
+    """The broker's side: refresh a sidecar's pid files, and log + audit a refusal once per run."""
+
+    def __init__(self) -> None:
+        self._refused: set[tuple[str, str, str]] = set()
+
+    def refresh(self, data_dirs: Sequence[str], audit: AuditLog, spec: SidecarSpec, pid: int | None,
+                wait_child: float = 0.0) -> None:
+        if not spec.pid_files or pid is None or pid <= 0:
+            return
+        for path, why in refresh(spec.pid_files, pid, data_dirs, wait_child):
+            # A refusal changes nothing else: the sidecar runs, the broker keeps serving.
+            if (spec.name, path, why) in self._refused:
+                continue
+            if len(self._refused) >= 4096:
+                self._refused.clear()  # bounded: an agent cycling names cannot grow it
+            self._refused.add((spec.name, path, why))
+            log.warning("sidecar %s: pid file not written: %s", spec.name, why)
+            audit.record("deny", None, f"pid file not written: {why}", code="policy_denied",
+                         sidecar=spec.name, file=path)
