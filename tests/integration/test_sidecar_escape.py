@@ -7,7 +7,7 @@ a compromise (or for a config that makes the program run a shell). From there it
 compromised sidecar would try against:
 - host processes: a root `sleep` with all capabilities, and a `sleep` with no capabilities running as
   the shell's own uid (the most exposed kind: same uid, and fewer capabilities than the shell, so a
-  shared pid namespace would let the shell signal it AND read its memory, environ and root);
+  shared pid namespace would let the shell signal it AND read its environ and /proc/PID/root);
 - another channel's sidecar (neutron-keepalived-state-change, which holds no capabilities);
 by pid, since an agent in the host's pid namespace knows every host pid and can hand them over.
 
@@ -31,9 +31,11 @@ import ipaddress
 import json
 import os
 import secrets
+import shutil
 import signal
 import socketserver
 import subprocess
+import tempfile
 import threading
 import uuid
 from collections.abc import Iterator
@@ -289,12 +291,11 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     with ExitStack() as stack:
         b = Broker.make(root / "broker", profiles=[*PROFILES, *CUSTOM], channels=3, image=L3_IMAGE)
         stack.callback(b.cleanup)
-        folder = Path(tmp_path_factory.mktemp("host"))
+        # Host files for the victims: outside every data dir, and reachable by a victim of any uid
+        # (pytest's own base directory is 0700).
+        folder = Path(tempfile.mkdtemp(prefix="sst-escape-", dir="/var/tmp"))
+        stack.callback(shutil.rmtree, folder, True)
         folder.chmod(0o755)
-        for p in folder.parents:  # the victims' uid must reach its sentinel (pytest's base is 0700)
-            if p == Path("/tmp") or p == Path("/"):
-                break
-            p.chmod(p.stat().st_mode | 0o755)
         data = b.data_dir
         # The L3 agent's server for state changes ($state_path/keepalived-state-change): the monitor
         # POSTs each change there and exits when it cannot.
