@@ -118,9 +118,11 @@ class Host:
                 elif req["op"] == "signal" and req["signal"] in ("9", "15"):
                     if self.running.pop(key, None) is None:
                         reply.update(ok=False, error={"code": "not_found", "message": "no such sidecar"})
+                # The status first, then the reply: a test that publishes its own status right after
+                # the reply is never overwritten by this thread.
+                self.publish()
                 (self.channel / "outbox" / "replies" / f"{req['id']}.json").write_text(json.dumps(reply))
                 f.unlink()
-                self.publish()
             time.sleep(0.005)
 
 
