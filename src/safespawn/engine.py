@@ -178,9 +178,10 @@ def _quarantine(s: _Sync, chan: ChannelDir, entry: Entry, rid: str | None, reaso
     s.audit.record("quarantine", rid, reason, code=code, file=where)
     s.result.quarantined += 1
 
+
 def intake(s: _Sync, chan: ChannelDir, entries: list[Entry]) -> Intake:
     """Read, check against the ledger and parse each entry; everything here is hostile input."""
-    intake = Intake()
+    taken = Intake()
     for entry in entries:
         if entry.rid is None:
             _quarantine(s, chan, entry, None, f"inbox entry {entry.name[:80]!r} is not named ID.json")
@@ -194,11 +195,10 @@ def intake(s: _Sync, chan: ChannelDir, entries: list[Entry]) -> Intake:
             err = e if isinstance(e, SafespawnError) else BadRequest(f"unreadable inbox entry: {e.strerror}")
             if judge_id(prior, None) is IdVerdict.ANSWERED:
                 # DENY: an id that was already answered keeps its first reply.
-                _quarantine(s, chan, entry, entry.rid, f"{err.message} (id already answered)",
-                                 err.code.value)
+                _quarantine(s, chan, entry, entry.rid, f"{err.message} (id already answered)", err.code.value)
                 continue
             _quarantine(s, chan, entry, entry.rid, err.message, err.code.value)
-            intake.answered.append(Answered(entry.rid, "", Reply.failure(entry.rid, err.code, err.message)))
+            taken.answered.append(Answered(entry.rid, "", Reply.failure(entry.rid, err.code, err.message)))
             continue
         digest = hashlib.sha256(raw).hexdigest()
         verdict = judge_id(prior, digest)
@@ -217,11 +217,10 @@ def intake(s: _Sync, chan: ChannelDir, entries: list[Entry]) -> Intake:
             req = parse_request(raw, entry.rid)
         except BadRequest as e:
             _quarantine(s, chan, entry, entry.rid, e.message, e.code.value)
-            intake.answered.append(Answered(entry.rid, digest, Reply.failure(entry.rid, e.code, e.message)))
+            taken.answered.append(Answered(entry.rid, digest, Reply.failure(entry.rid, e.code, e.message)))
             continue
-        intake.incoming.append(Incoming(entry, req, digest, verdict is IdVerdict.INTERRUPTED))
-    return intake
-
+        taken.incoming.append(Incoming(entry, req, digest, verdict is IdVerdict.INTERRUPTED))
+    return taken
 
 
 # -- decide ------------------------------------------------------------------------------------
@@ -371,7 +370,8 @@ def update_desired(state: ChannelState, outcomes: list[Outcome], now: float) -> 
             # a start that created a container but failed, or a successful stop/kill
             state.desired.pop(d.target, None)
 
-# -- publish -------------------------------------------------------------------------------
+
+# -- publish -------------------------------------------------------------------------------------
 
 
 def publish(s: _Sync, chan: ChannelDir, answered: list[Answered], outcomes: list[Outcome]) -> None:
@@ -392,6 +392,7 @@ def publish(s: _Sync, chan: ChannelDir, answered: list[Answered], outcomes: list
         chan.remove(o.incoming.entry)
     s.result.handled += len(outcomes) + len(answered)
     s.result.refused += len(answered)
+
 
 def _audit_outcome(audit: AuditLog, o: Outcome) -> None:
     r = o.reply

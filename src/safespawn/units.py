@@ -242,7 +242,6 @@ class Systemctl:
         return [line.split()[0] for line in out.splitlines() if line.split()]
 
 
-
 # -- rearm -----------------------------------------------------------------------------------
 
 
