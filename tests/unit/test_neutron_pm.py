@@ -9,7 +9,6 @@ from __future__ import annotations
 import ast
 import json
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.vermin import VERMIN
 
 from safespawn import launcher, neutron_pm, wrappers
 from safespawn.neutron_pm import ChannelStatus, StatusError, netns_candidates, parse_status, profile_for
@@ -214,8 +214,7 @@ def test_the_state_change_monitor_is_looked_up_in_the_routers_namespace():
 @pytest.mark.parametrize("name", ["neutron_pm.py", "neutron_hook.py"])
 def test_agent_side_files_parse_as_python_3_9(name):
     ast.parse((SRC / name).read_text(), feature_version=(3, 9))
-    vermin = shutil.which("vermin") or str(Path(sys.executable).with_name("vermin"))
-    out = subprocess.run([vermin, "-t=3.9-", "--no-tips", "--violations", str(SRC / name)], capture_output=True,
+    out = subprocess.run([*VERMIN, "-t=3.9-", "--no-tips", "--violations", str(SRC / name)], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
 

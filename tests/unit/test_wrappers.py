@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.vermin import VERMIN
 
 from safespawn import client, wrappers
 from safespawn.cli import main
@@ -95,10 +96,7 @@ def test_client_and_generated_scripts_parse_as_python_3_9(tmp_path: Path) -> Non
 
 def test_vermin_finds_nothing_newer_than_3_9(tmp_path: Path) -> None:
     files = [str(CLIENT_PY)] + [str(p) for p in _generated(tmp_path)]
-    # vermin's entry point run by this interpreter: works from the .venv and from the unprivileged
-    # copy of the tests (scripts/unit-tests-unprivileged), which has no console scripts.
-    vermin = [sys.executable, "-c", "import sys; from vermin import main; sys.argv[0] = 'vermin'; sys.exit(main())"]
-    p = subprocess.run([*vermin, "--target=3.9-", "--violations", "--no-tips", "--no-parse-comments", *files],
+    p = subprocess.run([*VERMIN, "--target=3.9-", "--violations", "--no-tips", "--no-parse-comments", *files],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stdout + p.stderr
 
