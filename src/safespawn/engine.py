@@ -581,7 +581,7 @@ class Engine:
         state = ChannelState.of(self.config.broker.state_dir, name)
         state.load()
         try:
-            containers = {c.name: c for c in self.runtime.list(name)}
+            containers = Snapshot(self.runtime, name).containers()
         except RuntimeFailed:
             containers = {}
         return status_of(name, state, containers, self.config.broker.reconcile_interval)
