@@ -184,8 +184,13 @@ def test_every_built_in_profile_stays_out_of_the_host_pid_namespace() -> None:
 # -- which sidecar a pid reaches (policy.sidecar_for_pid), with real pid namespaces --------------
 
 def _in_own_pid_namespace() -> tuple[subprocess.Popen[bytes], int, int]:
-    """A stand-in sidecar: `sh` as pid 1 of a new pid namespace (exec'd into sleep) with one child."""
-    p = subprocess.Popen(["unshare", "--pid", "--fork", "--kill-child", "sh", "-c", "sleep 60 & exec sleep 61"])
+    """A stand-in sidecar: `sh` as pid 1 of a new pid namespace (exec'd into sleep) with one child.
+
+    As a normal user the pid namespace needs a user namespace of its own (unit tests run without
+    root too: scripts/unit-tests-unprivileged); as root it is a plain pid namespace, as a sidecar's.
+    """
+    userns = [] if os.geteuid() == 0 else ["--user", "--map-root-user"]
+    p = subprocess.Popen(["unshare", *userns, "--pid", "--fork", "--kill-child", "sh", "-c", "sleep 60 & exec sleep 61"])
     main = wait_for_one(lambda: pidfiles.child_pids(p.pid))
     child = wait_for_one(lambda: pidfiles.child_pids(main))
     return p, main, child
