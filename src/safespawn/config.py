@@ -51,6 +51,10 @@ class ChannelConfig:
     # dirs and write leases/state files there: the agent's own uid needs no extra ownership.
     sidecar_uid: int | None = None
     sidecar_gid: int | None = None
+    # Rolling upgrades (safespawn.rollout): when the image or a profile changes, at most this many
+    # sidecars are replaced per sync, and a sync replaces the next batch only this long after the last.
+    rollout_batch: int = 5
+    rollout_pause: int = 30
 
     @property
     def sidecar_user(self) -> tuple[int, int]:
@@ -80,6 +84,8 @@ class BrokerConfig:
     # After starting containers, wait this long before checking they still run: a program that
     # rejects its configuration exits within milliseconds, and the agent should hear why.
     start_settle_ms: int = 200
+    # A Prometheus textfile written after each sync (safespawn.metrics); None: no metrics.
+    metrics_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -126,10 +132,24 @@ def _id(v: int | None, where: str) -> int | None:
     return v
 
 
+def _nonnegative(v: int, where: str) -> int:
+    if v < 0:
+        raise ConfigError(f"{where}: must not be negative")
+    return v
+
+
 def _abs_dir(v: Any, where: str) -> str:
     if not isinstance(v, str) or not v.startswith("/") or v != os.path.normpath(v) or v == "/":
         raise ConfigError(f"{where}: {v!r} must be a normalized absolute directory other than /")
     return v
+
+
+def _metrics_file(v: str | None) -> Path | None:
+    if v is None:
+        return None
+    if not v.endswith(".prom"):
+        raise ConfigError("broker.metrics_file: node_exporter's textfile collector reads only *.prom files")
+    return Path(_abs_dir(v, "broker.metrics_file"))
 
 
 def _parse_channel(name: str, t: dict[str, Any]) -> ChannelConfig:
@@ -159,6 +179,10 @@ def _parse_channel(name: str, t: dict[str, Any]) -> ChannelConfig:
         agent_gid=_take(t, "agent_gid", int, where, _CHANNEL.agent_gid),
         sidecar_uid=_id(_take(t, "sidecar_uid", int, where, None), f"{where}.sidecar_uid"),
         sidecar_gid=_id(_take(t, "sidecar_gid", int, where, None), f"{where}.sidecar_gid"),
+        rollout_batch=_positive(_take(t, "rollout_batch", int, where, _CHANNEL.rollout_batch),
+                                f"{where}.rollout_batch"),
+        rollout_pause=_nonnegative(_take(t, "rollout_pause", int, where, _CHANNEL.rollout_pause),
+                                   f"{where}.rollout_pause"),
     )
     if t:
         raise ConfigError(f"{where}: unknown keys {', '.join(sorted(t))}")
@@ -192,6 +216,7 @@ def parse_config(data: dict[str, Any], path: Path | None = None) -> Config:
         reconcile_interval=positive("reconcile_interval", d.reconcile_interval),
         podman_timeout=positive("podman_timeout", d.podman_timeout),
         start_settle_ms=_take(b, "start_settle_ms", int, where, d.start_settle_ms),
+        metrics_file=_metrics_file(_take(b, "metrics_file", str, where, None)),
     )
     if broker.runtime not in RUNTIMES:
         raise ConfigError(f"broker.runtime: {broker.runtime[:40]!r} is not one of {', '.join(RUNTIMES)}")

@@ -36,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import metrics
 from .audit import AuditLog
 from .config import ChannelConfig, Config
 from .errors import BadRequest, ChannelUnsafe, ErrorCode, RuntimeFailed, SafespawnError
@@ -75,6 +76,11 @@ class SyncResult:
     respawned: int = 0
     removed: int = 0
     errors: list[str] = field(default_factory=list)
+    # For metrics: what each answered entry was, failed respawns, the sidecars' (profile, state).
+    outcomes: list[metrics.Outcome] = field(default_factory=list)
+    respawn_failed: int = 0
+    sidecars: list[tuple[str, str]] | None = None
+    ok: bool = False  # the sync ran to the end
 
 
 # -- what the phases hand each other -------------------------------------------------------------
@@ -173,10 +179,22 @@ class _Sync:
 
 
 def _quarantine(s: _Sync, chan: ChannelDir, entry: Entry, rid: str | None, reason: str,
-                code: str = "bad_request") -> None:
+                code: str = "bad_request", replied: bool = False) -> None:
     where = chan.quarantine(entry)
     s.audit.record("quarantine", rid, reason, code=code, file=where)
     s.result.quarantined += 1
+    s.result.outcomes.append(metrics.Outcome("unknown", "quarantined", code, _age(entry) if replied else None))
+
+
+def _age(entry: Entry) -> float | None:
+    """Seconds since the agent wrote the entry (its mtime); None when unknown or implausible.
+
+    The agent sets the mtime: one in the future counts as 0, one over a day old is not observed.
+    """
+    if not entry.mtime_ns:
+        return None
+    age = max(0.0, time.time() - entry.mtime_ns / 1e9)
+    return age if age <= 86400 else None
 
 
 def intake(s: _Sync, chan: ChannelDir, entries: list[Entry]) -> Intake:
@@ -197,7 +215,7 @@ def intake(s: _Sync, chan: ChannelDir, entries: list[Entry]) -> Intake:
                 # DENY: an id that was already answered keeps its first reply.
                 _quarantine(s, chan, entry, entry.rid, f"{err.message} (id already answered)", err.code.value)
                 continue
-            _quarantine(s, chan, entry, entry.rid, err.message, err.code.value)
+            _quarantine(s, chan, entry, entry.rid, err.message, err.code.value, replied=True)
             taken.answered.append(Answered(entry.rid, "", Reply.failure(entry.rid, err.code, err.message)))
             continue
         digest = hashlib.sha256(raw).hexdigest()
@@ -209,6 +227,7 @@ def intake(s: _Sync, chan: ChannelDir, entries: list[Entry]) -> Intake:
             chan.remove(entry)
             s.audit.record("replay", entry.rid, "answered from the ledger")
             s.result.replayed += 1
+            s.result.outcomes.append(metrics.Outcome("unknown", "replayed", "", _age(entry)))
             continue
         if verdict is IdVerdict.ANSWERED:
             _quarantine(s, chan, entry, entry.rid, "id collides with an earlier request")
@@ -216,7 +235,7 @@ def intake(s: _Sync, chan: ChannelDir, entries: list[Entry]) -> Intake:
         try:
             req = parse_request(raw, entry.rid)
         except BadRequest as e:
-            _quarantine(s, chan, entry, entry.rid, e.message, e.code.value)
+            _quarantine(s, chan, entry, entry.rid, e.message, e.code.value, replied=True)
             taken.answered.append(Answered(entry.rid, digest, Reply.failure(entry.rid, e.code, e.message)))
             continue
         taken.incoming.append(Incoming(entry, req, digest, verdict is IdVerdict.INTERRUPTED))
@@ -390,6 +409,9 @@ def publish(s: _Sync, chan: ChannelDir, answered: list[Answered], outcomes: list
     chan.sync_replies()
     for o in outcomes:
         chan.remove(o.incoming.entry)
+        s.result.outcomes.append(metrics.Outcome(o.incoming.request.op, "allowed" if o.reply.ok else "refused",
+                                                 o.reply.error.code if o.reply.error else "",
+                                                 _age(o.incoming.entry)))
     s.result.handled += len(outcomes) + len(answered)
     s.result.refused += len(answered)
 
@@ -468,6 +490,7 @@ class Reconciler:
                 audit.record("reconcile", d.request_id, f"respawned {spec.name}", sidecar=spec.name)
             except RuntimeFailed as e:
                 s.result.errors.append(e.message)
+                s.result.respawn_failed += 1
                 audit.record("reconcile", d.request_id, f"respawn of {spec.name} failed: {e.message}",
                              sidecar=spec.name)
             state.desired[d.name] = d.failed(now)
@@ -547,6 +570,7 @@ class Engine:
         another sync holds the channel and `wait` is false."""
         channel = self.config.channel(name)
         b = self.config.broker
+        t0 = time.monotonic()
         with ChannelState.locked(str(b.state_dir), name, wait=wait) as state:
             s = _Sync(channel, state, AuditLog(state.audit_path, name), SyncResult(name),
                       Snapshot(self.runtime, name))
@@ -561,11 +585,14 @@ class Engine:
                         containers = s.snapshot.containers()
                     except RuntimeFailed:
                         containers = {}
-                    chan.write_status(status_of(name, state, containers, b.reconcile_interval))
+                    st = status_of(name, state, containers, b.reconcile_interval)
+                    s.result.sidecars = [(x["profile"], x["state"]) for x in st["sidecars"]]
+                    chan.write_status(st)
                     chan.prune_replies(b.reply_ttl)
                     chan.prune_tmp()
                     chan.prune_quarantine()
                     state.compact()
+                    s.result.ok = True  # ran to the end (respawn failures have their own counter)
             except ChannelUnsafe as e:
                 # The channel's layout was tampered with: serve nothing through it, but still keep
                 # its sidecars converged.
@@ -574,6 +601,8 @@ class Engine:
                 self.reconciler.reconcile(s)
             finally:
                 s.audit.flush()
+                if b.metrics_file is not None:
+                    metrics.record_sync(self.config, s.result, time.monotonic() - t0)
         return s.result
 
     def status(self, name: str) -> dict[str, Any]:
@@ -621,6 +650,7 @@ class Engine:
         s.audit.record("deny", None, f"flood: refused {len(excess)} requests beyond max_pending "
                        f"({s.channel.max_pending})", code="quota")
         s.result.refused += len(excess)
+        s.result.outcomes.extend(metrics.Outcome("unknown", "refused", "quota") for _ in excess)
 
     def _batch(self, s: _Sync, chan: ChannelDir, entries: list[Entry]) -> None:
         """intake -> claim -> decide -> act -> verify -> desired state -> publish."""

@@ -38,6 +38,7 @@ QUARANTINE_KEEP = 1000
 class Entry:
     name: str
     rid: str | None  # the id its file name carries, if it carries one
+    mtime_ns: int = 0  # when the agent wrote it (agent-controlled: used for metrics only)
 
 
 def _kind(mode: int) -> str:
@@ -152,9 +153,9 @@ class ChannelDir:
                 found.append((mtime, de.name))
         found.sort()
         entries = []
-        for _, name in found[:limit]:
+        for mtime, name in found[:limit]:
             m = REQUEST_NAME_RE.fullmatch(name)
-            entries.append(Entry(name, m.group(1) if m else None))
+            entries.append(Entry(name, m.group(1) if m else None, mtime))
         return entries, len(found)
 
     def read(self, entry: Entry, max_bytes: int) -> bytes:

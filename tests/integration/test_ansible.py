@@ -398,12 +398,16 @@ def test_check_mode_on_a_deployed_host_reports_no_change(host: Host) -> None:
 
 def test_a_config_change_reconciles_without_reinstalling(host: Host) -> None:
     channel = host.role_vars()["safespawn_channels"][0]
-    changed = [dict(channel, max_sidecars=9)]
+    changed = [dict(channel, max_sidecars=9, rollout_batch=3, rollout_pause=7)]
     # A custom profile too: the built-in dnsmasq one, as an operator would start an override.
     dnsmasq = (REPO / "src" / "safespawn" / "profiles" / "dnsmasq.toml").read_text()
-    p = host.play("--diff", safespawn_channels=changed, safespawn_custom_profiles={"dnsmasq": dnsmasq})
+    prom = host.root / "textfile" / "safespawn.prom"
+    p = host.play("--diff", safespawn_channels=changed, safespawn_custom_profiles={"dnsmasq": dnsmasq},
+                  safespawn_metrics_file=str(prom))
     ok(p)
     assert "+max_sidecars = 9" in p.stdout
+    for line in (f'+metrics_file = "{prom}"', "+rollout_batch = 3", "+rollout_pause = 7"):
+        assert line in p.stdout, line
     names = changed_tasks(p)
     assert names == ["Write the custom profiles", "Write the host configuration, checked by safespawn before it is put in place",
                      "Reconcile safespawn channels"], names
