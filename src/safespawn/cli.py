@@ -248,6 +248,12 @@ def cmd_wrappers_install(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def cmd_adopt(args: argparse.Namespace, cfg: Config) -> int:
+    from .adopt import adopt_command
+
+    return adopt_command(cfg, cfg.channel(args.channel), args.source, args.dry_run, args.json)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .units import SCOPES
     from .wrappers import DEFAULT_PYTHON
@@ -342,6 +348,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"the agent image's Python 3.9+ interpreter for the #! line (default: {DEFAULT_PYTHON})")
     i.add_argument("dir", help="the directory to write into (mounted read-only into the agent)")
     i.set_defaults(run=cmd_wrappers_install)
+
+    s = sub.add_parser("adopt", help="take over sidecars started by legacy wrappers (TripleO/EDPM, kolla)",
+                       description="One network at a time: read each legacy sidecar's program, arguments and "
+                       "netns from the running container, start the confined sidecar the channel's policy "
+                       "allows through the channel, remove the legacy one (docs/operations.md).")
+    s.add_argument("--channel", required=True, help="the channel whose policy and image the sidecars get")
+    s.add_argument("--from", dest="source", choices=["tripleo", "kolla", "auto"], default="auto",
+                   help="which wrappers' naming to look for (default: both)")
+    s.add_argument("--dry-run", action="store_true", help="print the plan and change nothing")
+    s.add_argument("--json", action="store_true", help="print the result as JSON")
+    s.set_defaults(run=_with_config(cmd_adopt))
     return p
 
 

@@ -1,0 +1,455 @@
+"""`safespawn adopt`: take over the sidecars today's wrappers started, one network at a time.
+
+The shapes recognised (the wrappers' own, see docs/operations.md):
+    tripleo  `nsenter --net=/run/netns/NS ... podman run --detach --net host --pid host --privileged
+             --name neutron-PROC-NS[-TIMESTAMP] IMAGE PROGRAM ARGS`  (a name collision adds -TIMESTAMP)
+    kolla    `<agent container>_PROC_NS`, `--rm --privileged --pid host`, often with `ip netns exec NS`
+             before the program
+
+The name only nominates a container. What is adopted is read from the container itself: the
+program and its arguments from the command line of its running process (/proc/PID/cmdline, the
+container's command line from `podman inspect` when that is not readable), and the netns from the
+inode of /proc/PID/ns/net compared with every /run/netns entry. A container whose real netns is not
+the one its name says, or that is in no named netns, is refused.
+
+For each network (profile + netns), under a host-private journal (state_dir/CH/adopt.json):
+    1. policy: the request the confined sidecar will be started with goes through the same gate as
+       an agent's (Policy.authorize_start); a refusal is reported and the legacy sidecars are left
+       running, untouched;
+    2. journal "switching" (durable) with the request and every legacy container of the network;
+    3. stop the legacy containers (all twins): both dnsmasq cannot bind the same netns at once, so
+       the old one goes first and the outage is stop + start;
+    4. write the start request into the channel's inbox and run the engine's normal sync on it, so
+       the ledger, desired state, audit log, pid files and post-start checks all apply;
+    5. on success remove the legacy containers and journal "done"; on failure start the legacy ones
+       again (a --rm container is gone and cannot be), journal "failed" and stop.
+Killed at any point, a re-run finishes the networks the journal holds as "switching" first, so no
+network is left without its sidecar and none keeps two.
+"""
+
+from __future__ import annotations
+
+import calendar
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import re
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from . import client
+from .config import ChannelConfig, Config
+from .errors import RuntimeFailed, SafespawnError
+from .files import atomic_write, open_dir
+from .policy import Policy
+from .request import Request
+from .sidecar import LABEL_CHANNEL
+
+log = logging.getLogger(__name__)
+
+UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+NETNS_NAME = rf"[a-z][a-z0-9]*-{UUID}"
+TRIPLEO_RE = re.compile(rf"neutron-(?P<proc>[a-z][a-z-]*?)-(?P<ns>{NETNS_NAME})(?:-(?P<ts>[0-9]{{6,}}))?")
+KOLLA_RE = re.compile(rf"(?P<agent>[A-Za-z0-9][A-Za-z0-9_.-]*)_(?P<proc>[a-z][a-z-]*)_(?P<ns>{NETNS_NAME})")
+# What may come before the program on a legacy command line: an init, `ip netns exec NS`, `env K=V`.
+INITS = frozenset({"dumb-init", "tini", "catatonit", "tini-static"})
+JOURNAL = "adopt.json"
+STOP_GRACE = 5
+
+
+@dataclass(frozen=True)
+class Legacy:
+    """One legacy sidecar container, as read from podman and /proc."""
+
+    name: str
+    id: str
+    flavor: str  # tripleo | kolla
+    proc: str  # from the name
+    name_netns: str  # the netns the name says
+    running: bool
+    pid: int
+    created: float
+    cmdline: tuple[str, ...]  # the running process's, else the container's
+    netns: str | None  # the named netns its process is really in; None: none / not running
+    auto_remove: bool
+
+
+@dataclass
+class Network:
+    """The plan for one (profile, netns): which container's command line wins, and all twins."""
+
+    profile: str
+    netns: str
+    argv: tuple[str, ...] = ()
+    legacy: list[str] = field(default_factory=list)
+    source: str = ""
+    refused: str = ""  # why this network is left alone
+    state: str = "planned"  # planned | switching | done | failed | refused
+    outage: float | None = None
+    sidecar: str = ""
+    pid: int | None = None
+    error: str = ""
+
+
+# -- reading the legacy containers --------------------------------------------------------------------
+
+def _podman(podman: str, args: list[str], timeout: float = 60, check: bool = True) -> str:
+    try:
+        p = subprocess.run([podman, *args], capture_output=True, text=True, timeout=timeout, check=False,
+                           stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise RuntimeFailed(f"podman {args[0]}: {e}") from None
+    if check and p.returncode != 0:
+        raise RuntimeFailed(f"podman {args[0]} failed (rc {p.returncode}): {p.stderr.strip()[-300:]}")
+    return p.stdout
+
+
+def named_netns_by_inode(netns_dir: str) -> dict[tuple[int, int], str]:
+    """(dev, ino) of every named netns, the way `ip netns identify` finds a process's name."""
+    out: dict[tuple[int, int], str] = {}
+    try:
+        names = os.listdir(netns_dir)
+    except FileNotFoundError:
+        return out
+    for n in names:
+        p = os.path.join(netns_dir, n)
+        try:
+            if not stat.S_ISREG(os.lstat(p).st_mode):
+                continue  # a symlink or anything else is not a netns mount
+            st = os.stat(p)
+        except OSError:
+            continue
+        out[(st.st_dev, st.st_ino)] = n
+    return out
+
+
+def _proc_cmdline(pid: int) -> tuple[str, ...] | None:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    parts = raw.split(b"\0")
+    if parts and parts[-1] == b"":
+        parts.pop()
+    return tuple(p.decode("utf-8", "surrogateescape") for p in parts) or None
+
+
+def _proc_netns(pid: int, by_inode: dict[tuple[int, int], str]) -> str | None:
+    try:
+        st = os.stat(f"/proc/{pid}/ns/net")
+    except OSError:
+        return None
+    return by_inode.get((st.st_dev, st.st_ino))
+
+
+def discover(podman: str, netns_dir: str, flavor: str = "auto") -> list[Legacy]:
+    """Every container whose name has a legacy wrapper's shape, read from the container itself."""
+    rows = json.loads(_podman(podman, ["ps", "--all", "--no-trunc", "--format=json"]) or "[]")
+    names = []
+    for r in rows:
+        for n in r.get("Names") or []:
+            if _match(n, flavor) is not None:
+                names.append(n)
+    if not names:
+        return []
+    info = json.loads(_podman(podman, ["container", "inspect", "--format=json", "--", *names], check=False) or "[]")
+    by_inode = named_netns_by_inode(netns_dir)
+    found = []
+    for r in info:
+        name = str(r.get("Name", "")).lstrip("/")
+        m = _match(name, flavor)
+        if m is None:
+            continue
+        kind, g = m
+        labels = (r.get("Config") or {}).get("Labels") or {}
+        if LABEL_CHANNEL in labels:
+            continue  # one of ours (a name can collide only by accident)
+        st = r.get("State") or {}
+        running = str(st.get("Status", "")).lower() == "running" and int(st.get("Pid") or 0) > 0
+        pid = int(st.get("Pid") or 0) if running else 0
+        cmd = _proc_cmdline(pid) if running else None
+        if cmd is None:
+            cmd = tuple([str(r.get("Path", ""))] + [str(a) for a in (r.get("Args") or [])])
+        created = r.get("Created", "")
+        found.append(Legacy(
+            name=name, id=str(r.get("Id", "")), flavor=kind, proc=g["proc"], name_netns=g["ns"],
+            running=running, pid=pid, created=_created(created), cmdline=cmd,
+            netns=_proc_netns(pid, by_inode) if running else None,
+            auto_remove=bool((r.get("HostConfig") or {}).get("AutoRemove")),
+        ))
+    return found
+
+
+def _match(name: str, flavor: str) -> tuple[str, dict[str, str]] | None:
+    if flavor in ("tripleo", "auto"):
+        m = TRIPLEO_RE.fullmatch(name)
+        if m:
+            return "tripleo", m.groupdict()
+    if flavor in ("kolla", "auto"):
+        m = KOLLA_RE.fullmatch(name)
+        if m:
+            return "kolla", m.groupdict()
+    return None
+
+
+def _created(v: Any) -> float:
+    # podman prints an RFC 3339 time with nanoseconds; ordering twins needs only a sortable number.
+    s = str(v)
+    m = re.match(r"(\d{4})-(\d\d)-(\d\d)T(\d\d):(\d\d):(\d\d)(?:\.(\d+))?", s)
+    if not m:
+        return 0.0
+    secs = calendar.timegm(tuple(int(x) for x in m.groups()[:6]) + (0, 0, 0))
+    frac = float("0." + m.group(7)) if m.group(7) else 0.0
+    return secs + frac
+
+
+def program_argv(cmdline: Sequence[str], program: str, fixed: Sequence[str]) -> tuple[str, ...] | None:
+    """The program's own arguments from a legacy command line, or None if it is not that program.
+
+    Before the program only an init, `ip netns exec NAME` and `env K=V...` may come; the profile's
+    fixed foreground flags (dnsmasq -k, ...) are dropped, since the profile adds them itself.
+    """
+    i = 0
+    cmd = list(cmdline)
+    while i < len(cmd):
+        base = os.path.basename(cmd[i])
+        if base == program:
+            rest = cmd[i + 1:]
+            return tuple(a for a in rest if a not in fixed)
+        if base in INITS:
+            i += 1
+            while i < len(cmd) and cmd[i].startswith("-"):
+                i += 1
+            continue
+        if base == "ip" and cmd[i + 1:i + 3] == ["netns", "exec"] and len(cmd) > i + 3:
+            i += 4
+            continue
+        if base == "env":
+            i += 1
+            while i < len(cmd) and ("=" in cmd[i] or cmd[i].startswith("-")):
+                i += 1
+            continue
+        return None
+    return None
+
+
+# -- the plan -------------------------------------------------------------------------------------------
+
+def plan(config: Config, policy: Policy, channel: ChannelConfig, legacy: list[Legacy]) -> list[Network]:
+    """Group the legacy containers by network and decide each network: adopt from which, or refuse."""
+    groups: dict[tuple[str, str], list[Legacy]] = {}
+    for lg in legacy:
+        groups.setdefault((lg.proc, lg.name_netns), []).append(lg)
+    nets = []
+    for (proc, ns), members in sorted(groups.items()):
+        net = Network(profile=proc, netns=ns, legacy=sorted(m.name for m in members))
+        nets.append(net)
+        if proc not in channel.profiles:
+            net.refused, net.state = f"profile {proc!r} is not allowed in channel {channel.name}", "refused"
+            continue
+        profile = policy.profiles[proc]
+        running = sorted((m for m in members if m.running), key=lambda m: (m.created, m.name), reverse=True)
+        if not running:
+            net.refused, net.state = "no legacy container of this network is running", "refused"
+            continue
+        src = running[0]  # the newest running twin carries the agent's latest command line
+        net.source = src.name
+        # DENY: trust the process, not the name: it must really be in the netns the name says.
+        if src.netns != ns:
+            net.refused = (f"{src.name} runs in netns {src.netns or '(none named)'}, not in {ns} as its name says")
+            net.state = "refused"
+            continue
+        argv = program_argv(src.cmdline, os.path.basename(profile.command[0]), profile.command[1:])
+        if argv is None:
+            net.refused = f"{src.name} does not run {profile.command[0]} ({' '.join(src.cmdline)[:120]})"
+            net.state = "refused"
+            continue
+        net.argv = argv
+        try:
+            # The one gate: exactly what an agent's start request would be checked with.
+            policy.authorize_start(channel, Request("0" * 32, "start", proc, ns, argv))
+        except SafespawnError as e:
+            net.refused, net.state = e.message, "refused"
+    return nets
+
+
+# -- the journal ---------------------------------------------------------------------------------------
+
+class Journal:
+    """state_dir/CH/adopt.json: the networks being switched, written durably before each step."""
+
+    def __init__(self, state_dir: str, channel: str) -> None:
+        self.dir = os.path.join(state_dir, channel)
+        self.networks: dict[str, Network] = {}
+
+    def load(self) -> None:
+        try:
+            with open(os.path.join(self.dir, JOURNAL), "rb") as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            return
+        for d in data.get("networks", []):
+            n = Network(**{**d, "argv": tuple(d.get("argv", ())), "legacy": list(d.get("legacy", []))})
+            self.networks[f"{n.profile}/{n.netns}"] = n
+
+    def save(self) -> None:
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        dfd = open_dir(self.dir)
+        try:
+            data = {"v": 1, "networks": [{**asdict(n), "argv": list(n.argv)} for n in self.networks.values()]}
+            atomic_write(dfd, JOURNAL, json.dumps(data, indent=1).encode(), mode=0o600)
+        finally:
+            os.close(dfd)
+
+
+# -- doing it -------------------------------------------------------------------------------------------
+
+@dataclass
+class Adoption:
+    config: Config
+    channel: ChannelConfig
+    engine: Any  # engine.Engine (imported late: the CLI imports this module cheaply)
+    flavor: str = "auto"
+    reply_timeout: float = 120.0
+    networks: list[Network] = field(default_factory=list)
+
+    @property
+    def podman(self) -> str:
+        return self.config.broker.podman
+
+    def run(self, dry_run: bool = False) -> list[Network]:
+        b = self.config.broker
+        journal = Journal(str(b.state_dir), self.channel.name)
+        journal.load()
+        legacy = discover(self.podman, str(b.netns_dir), self.flavor)
+        fresh = {f"{n.profile}/{n.netns}": n for n in plan(self.config, self.engine.policy, self.channel, legacy)}
+        # Networks a killed run left half switched come first, with the request it journaled.
+        order: list[Network] = []
+        for key, n in journal.networks.items():
+            if n.state in ("switching", "failed"):
+                extra = fresh.pop(key, None)
+                if extra is not None:
+                    n.legacy = sorted(set(n.legacy) | set(extra.legacy))
+                order.append(n)
+        order += [n for n in fresh.values()]
+        self.networks = order
+        if dry_run:
+            return order
+        with _adopt_lock(journal.dir):
+            self._run_all(order, journal)
+        return order
+
+    def _run_all(self, order: list[Network], journal: Journal) -> None:
+        for n in order:
+            if n.state in ("refused",):
+                continue
+            journal.networks[f"{n.profile}/{n.netns}"] = n
+            self._switch(n, journal)
+            if n.state == "failed":
+                break  # stop at the first failure: the operator looks before more networks move
+
+    def _switch(self, n: Network, journal: Journal) -> None:
+        n.state, n.error = "switching", ""
+        journal.save()  # before anything is stopped: a re-run knows what to finish
+        t0 = time.monotonic()
+        for name in n.legacy:
+            _podman(self.podman, ["stop", f"--time={STOP_GRACE}", "--ignore", "--", name],
+                    timeout=STOP_GRACE + 60, check=False)
+        reply = self._start_confined(n)
+        if reply.get("ok"):
+            n.outage = round(time.monotonic() - t0, 3)
+            n.sidecar, n.pid = str(reply.get("sidecar")), reply.get("pid")
+            for name in n.legacy:
+                _podman(self.podman, ["rm", "--force", "--ignore", "--time=0", "--", name], check=False)
+            n.state = "done"
+        else:
+            n.error = client.describe_error(reply)
+            restarted = []
+            for name in n.legacy:
+                p = subprocess.run([self.podman, "start", "--", name], capture_output=True, text=True,
+                                   timeout=60, check=False, stdin=subprocess.DEVNULL)
+                if p.returncode == 0:
+                    restarted.append(name)
+            n.error += f"; legacy restarted: {', '.join(restarted) or 'none (removed with --rm)'}"
+            n.state = "failed"
+        journal.save()
+
+    def _start_confined(self, n: Network) -> dict[str, Any]:
+        """Through the channel, as an agent's request: the engine's normal path does the rest."""
+        chan_dir = os.path.join(str(self.config.broker.channels_dir), self.channel.name)
+        req = client.start_request(n.profile, list(n.argv), netns=n.netns)
+        client._write_request(chan_dir, req)
+        deadline = time.monotonic() + self.reply_timeout
+        reply_path = os.path.join(chan_dir, "outbox", "replies", f"{req['id']}.json")
+        while True:
+            try:
+                self.engine.sync(self.channel.name)
+            except OSError as e:
+                log.warning("sync %s: %s", self.channel.name, e)
+            try:
+                with open(reply_path, "rb") as f:
+                    reply: dict[str, Any] = json.load(f)
+                return reply
+            except (FileNotFoundError, ValueError):
+                pass
+            if time.monotonic() > deadline:
+                return {"ok": False, "error": {"code": "runtime_failed", "message": "no reply from the engine"}}
+            time.sleep(0.05)
+
+
+def report(networks: list[Network]) -> list[dict[str, Any]]:
+    return [{"profile": n.profile, "netns": n.netns, "state": n.state, "legacy": n.legacy, "source": n.source,
+             "argv": list(n.argv), "reason": n.refused, "error": n.error, "outage_seconds": n.outage,
+             "sidecar": n.sidecar or None, "pid": n.pid} for n in networks]
+
+
+@contextlib.contextmanager
+def _adopt_lock(path: str) -> Any:
+    """One adopt per channel at a time (a second one fails at once rather than interleave)."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    fd = os.open(os.path.join(path, "adopt.lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        yield
+    finally:
+        os.close(fd)
+
+
+def adopt_command(cfg: Config, channel: ChannelConfig, source: str, dry_run: bool, as_json: bool) -> int:
+    """`safespawn adopt`: run (or plan) the adoption and print its result; returns the exit code."""
+    from .engine import Engine
+    from .errors import ExitCode
+
+    adoption = Adoption(cfg, channel, Engine(cfg), flavor=source)
+    try:
+        nets = adoption.run(dry_run=dry_run)
+    except BlockingIOError:
+        print(f"safespawn adopt: another adopt of channel {channel.name} is running", file=sys.stderr)
+        return ExitCode.LOCKED
+    except RuntimeFailed as e:
+        print(f"safespawn adopt: {e.message}", file=sys.stderr)
+        return ExitCode.FAILED
+    rows = report(nets)
+    if as_json:
+        print(json.dumps({"channel": channel.name, "dry_run": dry_run, "networks": rows}, indent=1))
+    else:
+        verb = "would adopt" if dry_run else "adopted"
+        for r in rows:
+            what = f"{r['profile']} {r['netns']} (legacy: {', '.join(r['legacy'])})"
+            if r["state"] == "refused":
+                print(f"refused   {what}: {r['reason']} -- left running, untouched")
+            elif r["state"] == "done":
+                print(f"{verb:<9} {what} -> {r['sidecar']} pid {r['pid']}, outage {r['outage_seconds']} s")
+            elif r["state"] == "failed":
+                print(f"FAILED    {what}: {r['error']}")
+            else:
+                print(f"{verb:<9} {what} from {r['source'] or 'the journal'}: {' '.join(r['argv'])[:200]}")
+    return ExitCode.FAILED if any(r["state"] == "failed" for r in rows) else ExitCode.OK
