@@ -96,11 +96,15 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
         return ExitCode.OK
     for st in out:
         print(f"channel {st['channel']}: {len(st['sidecars'])} sidecar(s)")
+        ro = st.get("rollout") or {}
+        if ro.get("target") or ro.get("outdated"):
+            print(f"  rollout: {ro['state']}, {ro['replaced']}/{ro['total']} replaced in {ro['batches']} batch(es), "
+                  f"{ro['outdated']} outdated" + (f" -- {ro['message']}" if ro.get("message") else ""))
         if st["sidecars"]:
-            print(f"  {'NAME':<60} {'PROFILE':<12} {'STATE':<9} {'PID':>8}  RESTARTS")
+            print(f"  {'NAME':<60} {'PROFILE':<12} {'STATE':<9} {'PID':>8}  RESTARTS  SPEC")
             for s in st["sidecars"]:
                 print(f"  {s['name']:<60} {s['profile']:<12} {s['state']:<9} {str(s['pid'] or '-'):>8}  "
-                      f"{s['restarts']}")
+                      f"{s['restarts']:<8}  {'outdated' if s.get('outdated') else 'current'}")
         if st["refusals"]:
             print("  recent refusals:")
             for e in st["refusals"]:
@@ -254,6 +258,12 @@ def cmd_adopt(args: argparse.Namespace, cfg: Config) -> int:
     return adopt_command(cfg, cfg.channel(args.channel), args.source, args.dry_run, args.json)
 
 
+def cmd_rollout(args: argparse.Namespace, cfg: Config) -> int:
+    from .rollout import rollout_command
+
+    return rollout_command(cfg, cfg.channel(args.channel), args.pause, args.resume)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .units import SCOPES
     from .wrappers import DEFAULT_PYTHON
@@ -359,6 +369,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dry-run", action="store_true", help="print the plan and change nothing")
     s.add_argument("--json", action="store_true", help="print the result as JSON")
     s.set_defaults(run=_with_config(cmd_adopt))
+
+    s = sub.add_parser("rollout", help="pause or resume the rolling upgrade of a channel's sidecars")
+    s.add_argument("channel")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--pause", action="store_true", help="replace no more sidecars until --resume")
+    g.add_argument("--resume", action="store_true", help="continue (a failed rollout is retried)")
+    s.set_defaults(run=_with_config(cmd_rollout))
     return p
 
 

@@ -36,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import metrics
+from . import metrics, rollout
 from .audit import AuditLog
 from .config import ChannelConfig, Config
 from .errors import BadRequest, ChannelUnsafe, ErrorCode, RuntimeFailed, SafespawnError
@@ -432,11 +432,13 @@ class Reconciler:
     """Keeps a channel's containers converged on its desired state."""
 
     def __init__(self, runtime: Runtime, policy: Policy, clock: Callable[[], float],
-                 pid_files: PidFileKeeper | None = None) -> None:
+                 pid_files: PidFileKeeper | None = None, workers: int = 4, settle_ms: int = 200) -> None:
         self.runtime = runtime
         self.policy = policy
         self.clock = clock
         self.pid_files = pid_files or PidFileKeeper()
+        self.workers = workers  # a rollout batch's parallel replacements
+        self.settle_ms = settle_ms
 
     def reconcile(self, s: _Sync) -> None:
         """Respawn desired sidecars that died (with backoff), drop those the policy no longer allows,
@@ -450,6 +452,7 @@ class Reconciler:
         now = self.clock()
         changed = False
         to_start: list[tuple[DesiredSidecar, SidecarSpec]] = []
+        outdated: list[tuple[DesiredSidecar, SidecarSpec, Container]] = []
         for name, d in list(state.desired.items()):
             c = listing.get(name)
             try:
@@ -469,6 +472,11 @@ class Reconciler:
                 if d.failures:
                     state.desired[name] = DesiredSidecar(d.name, d.profile, d.netns, d.argv, d.request_id, d.since)
                     changed = True
+                continue
+            if c is not None and c.running:
+                # Running, but its image or profile changed: rolled in batches (safespawn.rollout).
+                self.pid_files.refresh(s.channel.data_dirs, audit, spec, c.pid)
+                outdated.append((d, spec, c))
                 continue
             if now < d.next_retry:
                 continue
@@ -509,6 +517,20 @@ class Reconciler:
                     self.pid_files.refresh(s.channel.data_dirs, audit, r, c.pid, wait_child=1.0)
         if changed:
             state.save_desired()
+        rolled = rollout.step(self.runtime, self.policy, s.channel, state, audit, s.result, outdated,
+                              workers=self.workers, settle_ms=self.settle_ms)
+        if rolled:
+            # New containers (the new spec, or the old image after a rollback): new host pids.
+            s.snapshot.invalidate()
+            try:
+                now_running = self.runtime.inspect([r.name for r in rolled])
+            except RuntimeFailed as e:
+                s.result.errors.append(e.message)
+                now_running = {}
+            for r in rolled:
+                c = now_running.get(r.name)
+                if c is not None and c.running:
+                    self.pid_files.refresh(s.channel.data_dirs, audit, r, c.pid, wait_child=1.0)
 
     def _remove_quiet(self, s: _Sync, name: str) -> None:
         try:
@@ -522,11 +544,16 @@ class Reconciler:
 # -- status ------------------------------------------------------------------------------------
 
 
-def status_of(name: str, state: ChannelState, containers: dict[str, Container],
-              refresh: float) -> dict[str, Any]:
+def status_of(name: str, state: ChannelState, containers: dict[str, Container], refresh: float,
+              policy: Policy | None = None, channel: ChannelConfig | None = None) -> dict[str, Any]:
     """outbox/status.json: the channel's desired sidecars and what their containers do now.
 
-    `refresh`: the host republishes at least this often; an older status is stale."""
+    `refresh`: the host republishes at least this often; an older status is stale. With the policy
+    and channel, also which sidecars run an outdated spec and the rollout's progress."""
+    outdated: set[str] = set()
+    progress: dict[str, Any] | None = None
+    if policy is not None and channel is not None:
+        outdated, progress = rollout.describe(policy, channel, state, containers)
     sidecars = []
     for d in sorted(state.desired.values(), key=lambda d: d.name):
         c = containers.get(d.name)
@@ -535,14 +562,17 @@ def status_of(name: str, state: ChannelState, containers: dict[str, Container],
             "name": d.name, "profile": d.profile, "netns": d.netns,
             "key": d.name[len(name) + len(d.profile) + 2:],
             "state": c.state if c else "absent", "pid": c.pid if c and running else None,
-            "started": int(d.since), "restarts": d.failures,
+            "started": int(d.since), "restarts": d.failures, "outdated": d.name in outdated,
             # Changes whenever the running process is replaced (a new container, a runtime
             # restart, a broker respawn): what an agent compares to see a restart.
             "generation": f"{c.id[:12]}-{c.started}-{c.pid}" if c and running else None,
             "process_started": c.started if c and running else None,
         })
-    return {"v": 1, "channel": name, "updated": int(time.time()), "published": round(time.time(), 3),
-            "refresh": int(refresh), "sidecars": sidecars}
+    st = {"v": 1, "channel": name, "updated": int(time.time()), "published": round(time.time(), 3),
+          "refresh": int(refresh), "sidecars": sidecars}
+    if progress is not None:
+        st["rollout"] = progress
+    return st
 
 
 # -- the engine: one sync, phase after phase -------------------------------------------------------
@@ -560,7 +590,8 @@ class Engine:
         self.verifier = Verifier(self.runtime, self.policy, b.start_settle_ms)
         # The host writes the pid files Neutron reads, with host pids (docs/neutron.md, "Pid files").
         self.pid_files = PidFileKeeper()
-        self.reconciler = Reconciler(self.runtime, self.policy, clock, self.pid_files)
+        self.reconciler = Reconciler(self.runtime, self.policy, clock, self.pid_files, b.parallel_starts,
+                                     b.start_settle_ms)
 
     def sync_all(self) -> list[SyncResult]:
         return [self.sync(name) for name in sorted(self.config.channels)]
@@ -585,7 +616,7 @@ class Engine:
                         containers = s.snapshot.containers()
                     except RuntimeFailed:
                         containers = {}
-                    st = status_of(name, state, containers, b.reconcile_interval)
+                    st = status_of(name, state, containers, b.reconcile_interval, self.policy, channel)
                     s.result.sidecars = [(x["profile"], x["state"]) for x in st["sidecars"]]
                     chan.write_status(st)
                     chan.prune_replies(b.reply_ttl)
@@ -613,7 +644,8 @@ class Engine:
             containers = Snapshot(self.runtime, name).containers()
         except RuntimeFailed:
             containers = {}
-        return status_of(name, state, containers, self.config.broker.reconcile_interval)
+        return status_of(name, state, containers, self.config.broker.reconcile_interval, self.policy,
+                         self.config.channel(name))
 
     # -- drain ---------------------------------------------------------------------------------
 

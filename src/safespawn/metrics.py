@@ -238,12 +238,12 @@ def render(channels: Iterable[tuple[str, ChannelMetrics]]) -> str:
 
 
 @contextlib.contextmanager
-def _global_lock(state_dir: str) -> Any:
+def _dir_lock(path: str) -> Any:
     # Several channels' syncs (separate processes) may finish at once: one renders at a time, so the
-    # file always holds the latest counters of every channel.
-    os.makedirs(state_dir, mode=0o700, exist_ok=True)
-    fd = os.open(os.path.join(state_dir, "metrics.lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
-                 0o600)
+    # file always holds the latest counters of every channel. The lock is the folder itself (flock on
+    # its fd), so nothing is left behind beside the .prom file.
+    os.makedirs(path, mode=0o755, exist_ok=True)
+    fd = open_dir(path)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -267,7 +267,7 @@ def record(state_dir: str, channel: str, channel_names: Iterable[str], metrics_f
             atomic_write(dfd, STATE_FILE, json.dumps(m.to_dict()).encode(), mode=0o600, fsync=False)
         finally:
             os.close(dfd)
-        with _global_lock(state_dir):
+        with _dir_lock(os.path.dirname(metrics_file)):
             chans = []
             for name in sorted(channel_names):
                 chans.append((name, m if name == channel else

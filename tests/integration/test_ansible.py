@@ -401,7 +401,7 @@ def test_a_config_change_reconciles_without_reinstalling(host: Host) -> None:
     changed = [dict(channel, max_sidecars=9, rollout_batch=3, rollout_pause=7)]
     # A custom profile too: the built-in dnsmasq one, as an operator would start an override.
     dnsmasq = (REPO / "src" / "safespawn" / "profiles" / "dnsmasq.toml").read_text()
-    prom = host.root / "textfile" / "safespawn.prom"
+    prom = Path(tempfile.mkdtemp(prefix="sst-textfile-")) / "safespawn.prom"  # outside the snapshot
     p = host.play("--diff", safespawn_channels=changed, safespawn_custom_profiles={"dnsmasq": dnsmasq},
                   safespawn_metrics_file=str(prom))
     ok(p)
@@ -420,6 +420,7 @@ def test_a_config_change_reconciles_without_reinstalling(host: Host) -> None:
                                 "Write the host configuration, checked by safespawn before it is put in place",
                                 "Reconcile safespawn channels"], changed_tasks(p)
     assert not (host.config_dir / "profiles" / "dnsmasq.toml").exists()
+    shutil.rmtree(prom.parent, ignore_errors=True)
 
 
 def test_an_invalid_config_is_refused_before_it_is_put_in_place(host: Host) -> None:

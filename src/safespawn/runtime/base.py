@@ -19,6 +19,7 @@ class Container:
     started: int = 0  # unix seconds
     exit_code: int = 0
     restarts: int = 0  # restarts by the runtime's own restart policy (known from inspect only)
+    image: str = ""  # the image reference it was created from (a rollback returns to it)
 
     @property
     def running(self) -> bool:

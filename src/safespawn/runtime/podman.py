@@ -93,6 +93,7 @@ class PodmanRuntime:
                 labels=dict(r.get("Labels") or {}),
                 started=int(r.get("StartedAt") or 0),
                 exit_code=int(r.get("ExitCode") or 0),
+                image=str(r.get("Image") or ""),
             ))
         return result
 
