@@ -199,17 +199,34 @@ def test_kolla_sidecars_adopt_killed_half_way_converges_on_a_rerun(make_broker, 
                                                                   monkeypatch):
     b = make_broker(profiles=["dnsmasq"])
     image = b.engine.config.channel(b.channel).image
-    nets = pairs(2)
+    *nets, liar = pairs(3)
     names = {}
     for p in nets:
         names[p.server_ns] = f"neutron_dhcp_agent_dnsmasq_{p.server_ns}"
         kolla_legacy(names[p.server_ns], p.server_ns, image, b.data_dir, dnsmasq_argv(b.data_dir, p),
                      container_label)
-    for p in nets:
-        assert netlab.wait_for(lambda p=p: (state(names[p.server_ns]) or ("", ""))[1] == "running")
-        assert netlab.dhcp_lease(p.client_ns, p.client_if, timeout=5)["ip"] == p.host(50)
-    plan = adopt_cli(b, "--from", "kolla", "--dry-run")
-    assert [r["state"] for r in plan["networks"]] == ["planned", "planned"]
+    # A container whose name says one network while its process runs in another: the name is not trusted.
+    elsewhere = f"qdhcp-{uuid.uuid4()}"
+    netlab.netns_add(elsewhere)
+    try:
+        liar_name = f"neutron_dhcp_agent_dnsmasq_{liar.server_ns}"
+        kolla_legacy(liar_name, elsewhere, image, b.data_dir, dnsmasq_argv(b.data_dir, liar), container_label)
+        for p in nets:
+            assert netlab.wait_for(lambda p=p: (state(names[p.server_ns]) or ("", ""))[1] == "running")
+            assert netlab.dhcp_lease(p.client_ns, p.client_if, timeout=5)["ip"] == p.host(50)
+        assert netlab.wait_for(lambda: (state(liar_name) or ("", ""))[1] == "running")
+        liar_before = state(liar_name)
+        _kolla_killed_half_way(b, nets, names, liar, liar_name, liar_before, elsewhere, monkeypatch)
+    finally:
+        netlab.podman("rm", "-f", "-t", "0", f"neutron_dhcp_agent_dnsmasq_{liar.server_ns}", check=False)
+        netlab.netns_delete(elsewhere)
+
+
+def _kolla_killed_half_way(b, nets, names, liar, liar_name, liar_before, elsewhere, monkeypatch):
+    plan = {r["netns"]: r for r in adopt_cli(b, "--from", "kolla", "--dry-run")["networks"]}
+    assert [plan[p.server_ns]["state"] for p in nets] == ["planned", "planned"]
+    assert plan[liar.server_ns]["state"] == "refused"
+    assert f"runs in netns {elsewhere}, not in {liar.server_ns}" in plan[liar.server_ns]["reason"]
     assert adopt_cli(b, "--from", "tripleo", "--dry-run")["networks"] == []  # other naming: nothing
 
     # The first adopt dies right after stopping the second network's legacy sidecar (the worst
@@ -236,10 +253,11 @@ def test_kolla_sidecars_adopt_killed_half_way_converges_on_a_rerun(make_broker, 
     assert {n["netns"]: n["state"] for n in journal["networks"]} == {first: "done", second: "switching"}
 
     out = adopt_cli(b, "--from", "kolla")
-    assert [(r["netns"], r["state"]) for r in out["networks"]] == [(second, "done")]
+    assert [(r["netns"], r["state"]) for r in out["networks"]] == [(second, "done"), (liar.server_ns, "refused")]
     side = confined(b)
     assert sorted(side) == sorted(p.server_ns for p in nets)
     assert all(state(n) is None for n in names.values())
     for p in nets:
         assert netlab.dhcp_lease(p.client_ns, p.client_if, timeout=5)["ip"] == p.host(50)
-    assert adopt_cli(b, "--from", "kolla")["networks"] == []
+    assert [r["netns"] for r in adopt_cli(b, "--from", "kolla")["networks"]] == [liar.server_ns]
+    assert state(liar_name) == liar_before  # refused, and left running untouched
