@@ -47,7 +47,7 @@ from typing import Any
 from . import client
 from .config import ChannelConfig, Config
 from .errors import RuntimeFailed, SafespawnError
-from .files import atomic_write, open_dir
+from .files import atomic_write, open_dir, write_all
 from .policy import Policy
 from .request import Request
 from .sidecar import LABEL_CHANNEL
@@ -386,7 +386,11 @@ class Adoption:
         """Through the channel, as an agent's request: the engine's normal path does the rest."""
         chan_dir = os.path.join(str(self.config.broker.channels_dir), self.channel.name)
         req = client.start_request(n.profile, list(n.argv), netns=n.netns)
-        client._write_request(chan_dir, req)
+        try:
+            write_request(chan_dir, req)
+        except OSError as e:
+            return {"ok": False, "error": {"code": "bad_request",
+                                           "message": f"cannot write the request into the channel: {e}"}}
         deadline = time.monotonic() + self.reply_timeout
         reply_path = os.path.join(chan_dir, "outbox", "replies", f"{req['id']}.json")
         while True:
@@ -403,6 +407,37 @@ class Adoption:
             if time.monotonic() > deadline:
                 return {"ok": False, "error": {"code": "runtime_failed", "message": "no reply from the engine"}}
             time.sleep(0.05)
+
+
+def write_request(channel_dir: str, request: dict[str, Any]) -> str:
+    """Put a request into the channel's inbox as root, safely: inbox/ belongs to the agent.
+
+    The agent could have swapped inbox/, inbox/tmp or inbox/new for a symlink to a host folder, so every
+    folder is opened relative to its parent with O_NOFOLLOW (client.py's path-based writer is for the
+    agent side), the request is written into tmp/ and renamed into new/ between those fds.
+    """
+    rid = str(request["id"])
+    data = json.dumps(request, separators=(",", ":")).encode()
+    base = open_dir(channel_dir)
+    fds = [base]
+    try:
+        inbox = open_dir("inbox", base)
+        fds.append(inbox)
+        tmp = open_dir("tmp", inbox)
+        fds.append(tmp)
+        new = open_dir("new", inbox)
+        fds.append(new)
+        fd = os.open(rid, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=tmp)
+        try:
+            write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(rid, f"{rid}.json", src_dir_fd=tmp, dst_dir_fd=new)
+    finally:
+        for fd in reversed(fds):
+            os.close(fd)
+    return rid
 
 
 def report(networks: list[Network]) -> list[dict[str, Any]]:

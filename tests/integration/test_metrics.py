@@ -152,3 +152,22 @@ def test_a_reader_never_sees_a_half_written_metrics_file(make_broker, tmp_path):
     for ch in [b.channel, *b.extra_channels]:
         assert value(final, "safespawn_requests_total", channel=ch, op="signal", decision="refused",
                      code="not_found") == 8
+
+
+def test_an_agent_set_mtime_cannot_poison_the_latency_histogram(make_broker, tmp_path):
+    # The agent owns inbox/new and so the request files' mtimes: one in the future counts as 0 s,
+    # one from 1970 is not observed; both requests are still counted and answered.
+    prom = tmp_path / "safespawn.prom"
+    b = make_broker(profiles=["dnsmasq"], broker_extra=f'metrics_file = "{prom}"')
+    rids = [b.write(client.signal_request("HUP", pid=999999)) for _ in range(3)]
+    new = b.channel_dir() / "inbox" / "new"
+    os.utime(new / f"{rids[0]}.json", (4102444800, 4102444800))  # 2100-01-01
+    os.utime(new / f"{rids[1]}.json", (1, 1))
+    b.sync()
+    smp = samples(prom)
+    assert all(b.reply(r) is not None for r in rids)
+    assert value(smp, "safespawn_requests_total", channel=b.channel, op="signal", decision="refused",
+                 code="not_found") == 3
+    assert value(smp, "safespawn_request_latency_seconds_count", channel=b.channel) == 2
+    assert 0 <= value(smp, "safespawn_request_latency_seconds_sum", channel=b.channel) < 60
+    assert value(smp, "safespawn_request_latency_seconds_bucket", channel=b.channel, le="0.05") >= 1

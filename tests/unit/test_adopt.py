@@ -62,3 +62,35 @@ def test_named_netns_are_matched_by_inode_and_symlinks_are_ignored(tmp_path):
     found = named_netns_by_inode(str(tmp_path))
     assert sorted(found.values()) == ["qdhcp-real"]
     assert named_netns_by_inode(str(tmp_path / "missing")) == {}
+
+
+def _channel(tmp_path):
+    ch = tmp_path / "ch"
+    for d in ("inbox/tmp", "inbox/new", "outbox/replies"):
+        (ch / d).mkdir(parents=True)
+    return ch
+
+
+def test_the_request_is_renamed_from_tmp_into_new(tmp_path):
+    from safespawn.adopt import write_request
+
+    ch = _channel(tmp_path)
+    rid = write_request(str(ch), {"v": 1, "id": "a" * 32, "op": "start"})
+    assert os.listdir(ch / "inbox" / "new") == [f"{rid}.json"] and os.listdir(ch / "inbox" / "tmp") == []
+
+
+@pytest.mark.parametrize("swapped", ["inbox", "inbox/tmp", "inbox/new"])
+def test_a_symlinked_inbox_folder_never_makes_root_write_elsewhere(tmp_path, swapped):
+    from safespawn.adopt import write_request
+
+    ch = _channel(tmp_path)
+    victim = tmp_path / "etc"
+    victim.mkdir()
+    (victim / "tmp").mkdir()
+    (victim / "new").mkdir()
+    target = ch / swapped
+    os.rename(target, tmp_path / "moved")
+    os.symlink(victim, target)
+    with pytest.raises(OSError):
+        write_request(str(ch), {"v": 1, "id": "b" * 32, "op": "start"})
+    assert [p for p in victim.rglob("*") if p.is_file()] == []
