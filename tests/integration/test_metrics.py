@@ -13,10 +13,10 @@ import time
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from support.netlab import NetnsPair
 
 from integration.test_core import dnsmasq_argv, qdhcp
 from safespawn import client
-from support.netlab import NetnsPair
 
 
 def samples(path):

@@ -13,10 +13,10 @@ import time
 import uuid
 
 import pytest
+from support.netlab import NetnsPair
 
 from integration.test_core import dnsmasq_argv
 from safespawn import client
-from support.netlab import NetnsPair
 
 V2 = "localhost/safespawn-test:rollout-v2"
 BROKEN = "localhost/safespawn-test:rollout-broken"

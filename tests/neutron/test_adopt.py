@@ -21,8 +21,9 @@ from typing import Any
 import pytest
 from integration.test_core import dnsmasq_argv
 from support import netlab
+from support.broker import REPO
 from support.netlab import NetnsPair
-from test_neutron_agent import Agent, neutron_python  # noqa: F401  (a fixture)
+from test_neutron_agent import Agent
 
 from safespawn import adopt as adopt_mod
 from safespawn.adopt import Adoption
@@ -99,6 +100,14 @@ def neutron_sees(agent: Agent, pair: NetnsPair, data: Path) -> dict[str, Any]:
 
 def confined(broker) -> dict[str, dict[str, Any]]:
     return {c["Labels"]["safespawn.netns"]: c for c in broker.containers()}
+
+
+@pytest.fixture(scope="session")
+def neutron_python() -> str:
+    """The Neutron venv's python (scripts/neutron-venv creates it when missing; no skip)."""
+    out = subprocess.run(["bash", str(REPO / "scripts" / "neutron-venv")], capture_output=True, text=True,
+                         timeout=900, check=True).stdout
+    return out.strip().splitlines()[-1]
 
 
 @pytest.fixture
@@ -196,7 +205,7 @@ def test_tripleo_sidecars_are_adopted_one_network_at_a_time(make_broker, pairs, 
 
 
 def test_kolla_sidecars_adopt_killed_half_way_converges_on_a_rerun(make_broker, pairs, container_label,
-                                                                  monkeypatch):
+                                                                  monkeypatch, neutron_python, tmp_path):
     b = make_broker(profiles=["dnsmasq"])
     image = b.engine.config.channel(b.channel).image
     *nets, liar = pairs(3)
@@ -216,7 +225,16 @@ def test_kolla_sidecars_adopt_killed_half_way_converges_on_a_rerun(make_broker, 
             assert netlab.dhcp_lease(p.client_ns, p.client_if, timeout=5)["ip"] == p.host(50)
         assert netlab.wait_for(lambda: (state(liar_name) or ("", ""))[1] == "running")
         liar_before = state(liar_name)
-        _kolla_killed_half_way(b, nets, names, liar, liar_name, liar_before, elsewhere, monkeypatch)
+        agent = Agent(neutron_python, b.data_dir, tmp_path, tmp_path / "agent.log")
+        try:
+            assert all(neutron_sees(agent, p, b.data_dir)["active"] for p in nets)
+            _kolla_killed_half_way(b, nets, names, liar, liar_name, liar_before, elsewhere, monkeypatch)
+            side = confined(b)
+            for p in nets:
+                seen = neutron_sees(agent, p, b.data_dir)
+                assert seen["active"] and seen["pid"] == side[p.server_ns]["Pid"], seen
+        finally:
+            agent.stop()
     finally:
         netlab.podman("rm", "-f", "-t", "0", f"neutron_dhcp_agent_dnsmasq_{liar.server_ns}", check=False)
         netlab.netns_delete(elsewhere)

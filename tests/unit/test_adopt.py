@@ -19,7 +19,7 @@ NS = "qdhcp-0b0e4cc0-3f1a-4a5e-9f5e-1c2d3e4f5a6b"
     ("neutron-keepalived-qrouter-0b0e4cc0-3f1a-4a5e-9f5e-1c2d3e4f5a6b", "tripleo", "keepalived",
      "qrouter-0b0e4cc0-3f1a-4a5e-9f5e-1c2d3e4f5a6b"),
     (f"neutron_dhcp_agent_dnsmasq_{NS}", "kolla", "dnsmasq", NS),
-    (f"neutron_l3_agent_keepalived_qrouter-0b0e4cc0-3f1a-4a5e-9f5e-1c2d3e4f5a6b", "kolla", "keepalived",
+    ("neutron_l3_agent_keepalived_qrouter-0b0e4cc0-3f1a-4a5e-9f5e-1c2d3e4f5a6b", "kolla", "keepalived",
      "qrouter-0b0e4cc0-3f1a-4a5e-9f5e-1c2d3e4f5a6b"),
 ])
 def test_wrapper_names_are_recognised(name, flavor, proc, ns):
