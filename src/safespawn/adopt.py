@@ -477,6 +477,8 @@ def adopt_command(cfg: Config, channel: ChannelConfig, source: str, dry_run: boo
         print(json.dumps({"channel": channel.name, "dry_run": dry_run, "networks": rows}, indent=1))
     else:
         verb = "would adopt" if dry_run else "adopted"
+        if not rows:
+            print(f"no legacy sidecars found (--from {source})")
         for r in rows:
             what = f"{r['profile']} {r['netns']} (legacy: {', '.join(r['legacy'])})"
             if r["state"] == "refused":

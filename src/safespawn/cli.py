@@ -97,7 +97,7 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
     for st in out:
         print(f"channel {st['channel']}: {len(st['sidecars'])} sidecar(s)")
         ro = st.get("rollout") or {}
-        if ro.get("target") or ro.get("outdated"):
+        if ro.get("target") or ro.get("outdated") or ro.get("state", "done") != "done":
             print(f"  rollout: {ro['state']}, {ro['replaced']}/{ro['total']} replaced in {ro['batches']} batch(es), "
                   f"{ro['outdated']} outdated" + (f" -- {ro['message']}" if ro.get("message") else ""))
         if st["sidecars"]:
