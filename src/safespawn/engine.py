@@ -80,6 +80,7 @@ class SyncResult:
     outcomes: list[metrics.Outcome] = field(default_factory=list)
     respawn_failed: int = 0
     sidecars: list[tuple[str, str]] | None = None
+    outdated: int = 0
     ok: bool = False  # the sync ran to the end
 
 
@@ -618,6 +619,7 @@ class Engine:
                         containers = {}
                     st = status_of(name, state, containers, b.reconcile_interval, self.policy, channel)
                     s.result.sidecars = [(x["profile"], x["state"]) for x in st["sidecars"]]
+                    s.result.outdated = sum(1 for x in st["sidecars"] if x["outdated"])
                     chan.write_status(st)
                     chan.prune_replies(b.reply_ttl)
                     chan.prune_tmp()

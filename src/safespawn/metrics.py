@@ -16,6 +16,7 @@ What is exported (docs/operations.md has alert examples):
     safespawn_sync_duration_seconds{channel}               histogram
     safespawn_request_latency_seconds{channel}             histogram, request file written -> reply
     safespawn_sidecars{channel,profile,state}              gauge (the channel's desired sidecars)
+    safespawn_sidecars_outdated{channel}                   gauge, running an older spec (rollout)
     safespawn_respawns_total{channel}                      counter
     safespawn_respawn_failures_total{channel}              counter
     safespawn_pending_requests{channel}                    gauge, inbox entries left after the sync
@@ -101,6 +102,7 @@ class ChannelMetrics:
     respawns: int = 0
     respawn_failures: int = 0
     pending: int = 0
+    outdated: int = 0
     syncs_ok: int = 0
     syncs_failed: int = 0
     last_success: float = 0.0
@@ -120,7 +122,7 @@ class ChannelMetrics:
             m.sidecars = {str(k): int(v) for k, v in dict(d.get("sidecars", {})).items()}
             m.sync = Histogram.from_dict(SYNC_BUCKETS, d.get("sync"))
             m.latency = Histogram.from_dict(LATENCY_BUCKETS, d.get("latency"))
-            for k in ("respawns", "respawn_failures", "pending", "syncs_ok", "syncs_failed"):
+            for k in ("respawns", "respawn_failures", "pending", "outdated", "syncs_ok", "syncs_failed"):
                 setattr(m, k, int(d.get(k, 0)))
             m.last_success = float(d.get("last_success", 0.0))
         except (TypeError, ValueError):
@@ -130,8 +132,8 @@ class ChannelMetrics:
     def to_dict(self) -> dict[str, Any]:
         return {"v": 1, "requests": self.requests, "sync": self.sync.to_dict(), "latency": self.latency.to_dict(),
                 "sidecars": self.sidecars, "respawns": self.respawns, "respawn_failures": self.respawn_failures,
-                "pending": self.pending, "syncs_ok": self.syncs_ok, "syncs_failed": self.syncs_failed,
-                "last_success": self.last_success}
+                "pending": self.pending, "outdated": self.outdated, "syncs_ok": self.syncs_ok,
+                "syncs_failed": self.syncs_failed, "last_success": self.last_success}
 
 
 @dataclass(frozen=True)
@@ -146,6 +148,7 @@ class SyncObservation:
     respawn_failures: int = 0
     pending: int = 0
     sidecars: tuple[tuple[str, str], ...] | None = None  # (profile, state) of each; None: unknown
+    outdated: int | None = None  # sidecars running an outdated spec (a rollout pending or stopped)
 
 
 def update(m: ChannelMetrics, obs: SyncObservation) -> None:
@@ -158,6 +161,8 @@ def update(m: ChannelMetrics, obs: SyncObservation) -> None:
     m.respawns += obs.respawns
     m.respawn_failures += obs.respawn_failures
     m.pending = obs.pending
+    if obs.outdated is not None:
+        m.outdated = obs.outdated
     if obs.sidecars is not None:
         counts: dict[str, int] = {}
         for profile, st in obs.sidecars:
@@ -218,6 +223,10 @@ def render(channels: Iterable[tuple[str, ChannelMetrics]]) -> str:
         for key, n in sorted(m.sidecars.items()):
             profile, _, st = key.partition("|")
             out.append(f"safespawn_sidecars{_labels(channel=ch, profile=profile, state=st)} {n}")
+    family("safespawn_sidecars_outdated", "gauge",
+           "Sidecars whose container runs an older spec than the config gives (rollout pending or stopped).")
+    for ch, m in chans:
+        out.append(f"safespawn_sidecars_outdated{_labels(channel=ch)} {m.outdated}")
     family("safespawn_respawns_total", "counter", "Sidecars that died and were started again by reconcile.")
     for ch, m in chans:
         out.append(f"safespawn_respawns_total{_labels(channel=ch)} {m.respawns}")
@@ -284,7 +293,8 @@ def record_sync(config: Config, result: SyncResult, duration: float) -> None:
     obs = SyncObservation(ok=result.ok, duration=duration, finished=time.time(), outcomes=tuple(result.outcomes),
                           respawns=result.respawned, respawn_failures=result.respawn_failed,
                           pending=result.deferred,
-                          sidecars=None if result.sidecars is None else tuple(result.sidecars))
+                          sidecars=None if result.sidecars is None else tuple(result.sidecars),
+                          outdated=None if result.sidecars is None else result.outdated)
     record(str(b.state_dir), result.channel, config.channels, str(b.metrics_file), obs)
 
 

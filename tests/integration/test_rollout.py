@@ -127,13 +127,16 @@ def wait_rollout(b, states: tuple[str, ...], timeout: float = 90) -> dict:
 
 
 def test_an_image_change_rolls_in_batches_serves_requests_and_a_broken_image_is_rolled_back(
-        make_broker, images, pairs):
+        make_broker, images, pairs, tmp_path):
     latest, v2, broken = images
     t0 = time.monotonic()
 
     def mark(what):
         print(f"{time.monotonic() - t0:7.2f}s {what}")
-    b = make_broker(profiles=["dnsmasq"], image=latest, extra=f"rollout_batch = {BATCH}\nrollout_pause = 1")
+
+    prom = tmp_path / "safespawn.prom"
+    b = make_broker(profiles=["dnsmasq"], image=latest, extra=f"rollout_batch = {BATCH}\nrollout_pause = 1",
+                    broker_extra=f'metrics_file = "{prom}"')
     for p in pairs:
         b.write(client.start_request("dnsmasq", dnsmasq_argv(b.data_dir, p), netns=p.server_ns))
     b.sync()
@@ -189,6 +192,7 @@ def test_an_image_change_rolls_in_batches_serves_requests_and_a_broken_image_is_
     assert len(cs) == N and all(c["State"] == "running" and c["Image"] == v2 for c in cs)
     st = json.loads(b.cli("status", "--json", b.channel, check=True).stdout)
     assert st["rollout"]["state"] == "failed" and sum(s["outdated"] for s in st["sidecars"]) == N
+    assert f"safespawn_sidecars_outdated{{channel=\"{b.channel}\"}} {N}" in prom.read_text()
     text = b.cli("status", b.channel, check=True).stdout
     assert "rollout: failed" in text and "outdated" in text
 
