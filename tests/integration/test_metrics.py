@@ -6,9 +6,10 @@ against what the test did, with real podman and a real dnsmasq sidecar.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
-import threading
+import sys
 import time
 
 import pytest
@@ -114,38 +115,47 @@ def test_pending_requests_and_a_failed_respawn_are_exported(make_broker, tmp_pat
     assert value(smp, "safespawn_syncs_total", channel=b.channel, result="ok") == 2
 
 
+READER = r"""
+import json, os, sys, time
+from prometheus_client.parser import text_string_to_metric_families
+path, stop = sys.argv[1], sys.argv[2]
+reads, inodes, bad = 0, set(), []
+while not os.path.exists(stop):
+    try:
+        with open(path) as f:
+            inodes.add(os.fstat(f.fileno()).st_ino)
+            text = f.read()
+    except FileNotFoundError:
+        continue
+    reads += 1
+    try:
+        fams = {m.name for m in text_string_to_metric_families(text)}
+        if not text.endswith("\n") or "safespawn_last_success_timestamp_seconds" not in fams:
+            bad.append(text[-200:])
+    except Exception as e:
+        bad.append(repr(e))
+print(json.dumps({"reads": reads, "inodes": len(inodes), "bad": bad[:5]}))
+"""
+
+
 def test_a_reader_never_sees_a_half_written_metrics_file(make_broker, tmp_path):
+    # A separate process reads and parses the file as fast as it can while syncs rewrite it.
     prom = tmp_path / "safespawn.prom"
+    stop = tmp_path / "stop"
     b = make_broker(profiles=["dnsmasq"], channels=2, broker_extra=f'metrics_file = "{prom}"')
-    stop = threading.Event()
-    reads: list[str] = []
-    inodes: set[int] = set()
-
-    def reader():
-        while not stop.is_set():
-            try:
-                with open(prom) as f:
-                    inodes.add(os.fstat(f.fileno()).st_ino)
-                    reads.append(f.read())
-            except FileNotFoundError:
-                pass
-            time.sleep(0.001)  # let the syncs run (a busy reader starves them of the GIL)
-
-    t = threading.Thread(target=reader)
-    t.start()
+    b.sync()
+    reader = subprocess.Popen([sys.executable, "-c", READER, str(prom), str(stop)], stdout=subprocess.PIPE, text=True)
     try:
         for _ in range(6):
             for ch in [b.channel, *b.extra_channels]:
                 b.write(client.signal_request("HUP", pid=999999), channel=ch)
                 b.sync(ch)
     finally:
-        stop.set()
-        t.join()
-    assert len(reads) > 20 and len(inodes) > 1  # replaced by rename, not rewritten in place
-    for text in reads:
-        assert text.endswith("\n") and "safespawn_last_success_timestamp_seconds" in text
-        fams = {f.name for f in text_string_to_metric_families(text)}
-        assert "safespawn_requests" in fams  # the parser drops _total from a counter's family name
+        stop.touch()
+        out, _ = reader.communicate(timeout=60)
+    seen = json.loads(out)
+    assert seen["reads"] > 20 and seen["inodes"] > 1, seen  # replaced by rename, not rewritten in place
+    assert seen["bad"] == [], seen["bad"]
     # No temp file is left where node_exporter would read it.
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".prom")) == ["safespawn.prom"]
     final = samples(prom)
