@@ -91,6 +91,7 @@ def _container(r: dict[str, Any]) -> Container:
         started=_unix_time(st.get("StartedAt")),
         exit_code=int(st.get("ExitCode") or 0),
         restarts=int(r.get("RestartCount") or 0),
+        image=str((r.get("Config") or {}).get("Image") or ""),
     )
 
 
