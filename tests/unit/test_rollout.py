@@ -160,3 +160,11 @@ def test_an_unreadable_rollout_file_starts_over(world):
     engine, rt, state, _ = world(2, batch=5, pause=0)
     open(state.path + "/rollout.json", "w").write("{not json")
     assert step(engine, rt, state)["state"] == "done"
+
+
+def test_both_runtimes_report_the_image_a_rollback_returns_to():
+    from safespawn.runtime import docker
+
+    c = docker._container({"Id": "x", "Name": "/c-dnsmasq-k", "State": {"Status": "running", "Pid": 5},
+                           "Config": {"Image": "registry.example/neutron:old", "Labels": {}}})
+    assert c.image == "registry.example/neutron:old"
