@@ -97,8 +97,9 @@ def outdated(rt: FakeRuntime, state: ChannelState, image: str = "img:new"):
 
 
 def step(engine, rt, state, image="img:new"):
-    rollout.step(engine, engine.config.channel("c"), state, AuditLog(state.audit_path, "c"), SyncResult("c"),
-                 outdated(rt, state, image))
+    b = engine.config.broker
+    rollout.step(engine.runtime, engine.policy, engine.config.channel("c"), state, AuditLog(state.audit_path, "c"),
+                 SyncResult("c"), outdated(rt, state, image), workers=b.parallel_starts, settle_ms=b.start_settle_ms)
     return json.loads(open(state.path + "/rollout.json").read())
 
 
