@@ -178,6 +178,8 @@ def test_an_image_change_rolls_in_batches_serves_requests_and_a_broken_image_is_
     assert rolling and any(0 < rep < N for _, rep, _ in rolling), progress
     cs = b.containers()
     assert len(cs) == N and all(c["State"] == "running" and c["Image"] == v2 for c in cs)
+    pids = {c["Labels"]["safespawn.netns"]: c["Pid"] for c in cs}
+    assert all(int((b.data_dir / ns / "pid").read_text()) == pid for ns, pid in pids.items()), pids
 
     mark(f'rolled to v2, {len(replies)} requests')
     # 2. v2 -> broken: the first batch fails, is rolled back to v2, and the rollout stops.
@@ -192,6 +194,9 @@ def test_an_image_change_rolls_in_batches_serves_requests_and_a_broken_image_is_
     assert len(cs) == N and all(c["State"] == "running" and c["Image"] == v2 for c in cs)
     st = json.loads(b.cli("status", "--json", b.channel, check=True).stdout)
     assert st["rollout"]["state"] == "failed" and sum(s["outdated"] for s in st["sidecars"]) == N
+    # Rolled back or replaced, every pid file holds its container's host pid (what Neutron reads).
+    pids = {c["Labels"]["safespawn.netns"]: c["Pid"] for c in cs}
+    assert all(int((b.data_dir / ns / "pid").read_text()) == pid for ns, pid in pids.items()), pids
     assert f"safespawn_sidecars_outdated{{channel=\"{b.channel}\"}} {N}" in prom.read_text()
     text = b.cli("status", b.channel, check=True).stdout
     assert "rollout: failed" in text and "outdated" in text
