@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 
 from .errors import ChannelLocked
 from .files import append_line, atomic_write, open_dir
+from .pidsignal import ProcessIdentity
 
 LEDGER_KEEP_SECONDS = 7 * 24 * 3600
 LEDGER_COMPACT_LINES = 50_000
@@ -37,12 +38,33 @@ class DesiredSidecar:
     since: float
     failures: int = 0
     next_retry: float = 0.0
+    # The running container as last verified: its id, spec hash and main process (host pid and
+    # start time, see pidsignal.py). Lets a signal or an idle sync skip the runtime's listing.
+    container_id: str = ""
+    spec_hash: str = ""
+    pid: int = 0
+    pid_start: int = 0
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DesiredSidecar:
         return cls(name=d["name"], profile=d["profile"], netns=d.get("netns"), argv=tuple(d.get("argv", ())),
                    request_id=d.get("request_id", ""), since=float(d.get("since", 0)),
-                   failures=int(d.get("failures", 0)), next_retry=float(d.get("next_retry", 0)))
+                   failures=int(d.get("failures", 0)), next_retry=float(d.get("next_retry", 0)),
+                   container_id=str(d.get("container_id", "")), spec_hash=str(d.get("spec_hash", "")),
+                   pid=int(d.get("pid", 0)), pid_start=int(d.get("pid_start", 0)))
+
+    @property
+    def identity(self) -> ProcessIdentity | None:
+        if self.pid <= 0 or not self.container_id:
+            return None
+        return ProcessIdentity(self.pid, self.pid_start, self.container_id)
+
+    def running_as(self, ident: ProcessIdentity | None, spec_hash: str) -> DesiredSidecar:
+        """The same desired sidecar, with the container and process it was last verified to run as."""
+        if ident is None:
+            return replace(self, container_id="", spec_hash="", pid=0, pid_start=0)
+        return replace(self, container_id=ident.container_id, spec_hash=spec_hash, pid=ident.pid,
+                       pid_start=ident.start_ticks)
 
     def failed(self, now: float) -> DesiredSidecar:
         n = self.failures + 1
