@@ -33,7 +33,6 @@ import os
 import re
 import stat
 import tomllib
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -116,6 +115,8 @@ class ArgRule:
 
 def _is_uuid(value: str) -> bool:
     try:
+        import uuid  # imported here: uuid pulls in platform, which only a uuid check should pay for
+
         return str(uuid.UUID(value)) == value.lower() and len(value) == 36
     except ValueError:
         return False
