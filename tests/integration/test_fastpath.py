@@ -195,3 +195,48 @@ def test_a_new_sidecar_whose_name_a_leftover_container_holds_replaces_it(b: Brok
     c = inspect(name)
     assert c["State"]["Status"] == "running" and c["State"]["Pid"] == r["pid"]
     assert [x["Names"][0] for x in b.containers()] == [name]
+
+
+def test_a_recovery_respawns_in_parallel_chunks_and_serves_a_request_that_arrives_meanwhile(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """All containers gone (as after a reboot): one sync respawns them `parallel_starts` at a time, in
+    chunks of 4 x parallel_starts, and a request written while the first chunk runs is answered
+    between chunks, before the recovery ends."""
+    from support.usersystemd import SLEEPER
+
+    (tmp_path / "profiles").mkdir(parents=True)
+    (tmp_path / "profiles" / "sleeper.toml").write_text(SLEEPER)
+    with Broker.make(tmp_path, profiles=["sleeper"], broker_extra="parallel_starts = 1") as b:
+        names = []
+        for i in range(6):
+            first = b.request(client.start_request("sleeper", [f"--key=k{i}"]))
+            assert first["ok"], first
+            names.append(first["sidecar"])
+        ids = [c["Id"] for c in b.containers()]
+        subprocess.run(["podman", "rm", "-f", "-t", "0", *ids], check=True, capture_output=True, timeout=120)
+
+        rt = b.engine.runtime
+        real_run = rt.run
+        order: list[str] = []
+        late = client.start_request("sleeper", ["--key=late"])
+
+        def run(spec: Any) -> str:
+            if not order:
+                b.write(late)  # arrives while the recovery's first chunk runs
+            order.append(spec.name)
+            return str(real_run(spec))
+
+        monkeypatch.setattr(rt, "run", run)
+        r = b.engine.sync(b.channel, full=False)
+        assert r.respawned == 6 and r.handled == 1, r
+        answer = b.reply(late["id"])
+        assert answer is not None and answer["ok"], answer
+        late_name = answer["sidecar"]
+        # The first chunk (4 = 4 x parallel_starts) respawned, then the late request, then the rest.
+        assert late_name in order and order.index(late_name) == 4, order
+        assert sorted(c["Names"][0] for c in b.containers() if c["State"] == "running") == \
+            sorted([*names, late_name])
+        # The respawned processes are recorded: the next sync needs no listing.
+        calls = Calls(b, monkeypatch)
+        b.engine.sync(b.channel, full=False)
+        assert calls.made == []
