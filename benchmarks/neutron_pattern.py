@@ -139,8 +139,8 @@ def print_side_by_side(title: str, n: int, r: dict[str, float]) -> None:
     print(f"| operation, {PARALLEL} at a time, N = {n} | safespawn | podman directly | ratio |\n|---|---|---|---|")
     print(f"| start a new sidecar | {r['start_safespawn']:.2f} s | `podman run -d`: {r['start_podman']:.2f} s | "
           f"{r['start_safespawn'] / r['start_podman']:.2f}x |")
-    print(f"| HUP a running sidecar | {r['hup_safespawn']:.2f} s | `podman kill --signal HUP`: {r['hup_podman']:.2f} s | "
-          f"{r['hup_safespawn'] / r['hup_podman']:.2f}x |")
+    print(f"| HUP a running sidecar | {r['hup_safespawn']:.2f} s | `podman kill --signal HUP`: "
+          f"{r['hup_podman']:.2f} s | {r['hup_safespawn'] / r['hup_podman']:.2f}x |")
 
 
 def serial_latencies(bench: Bench, n: int) -> dict[str, list[float]]:
@@ -154,7 +154,7 @@ def serial_latencies(bench: Bench, n: int) -> dict[str, list[float]]:
         t0 = time.monotonic()
         pids.append(bench.submit(bench.start_request(ns))["pid"])
         out["start"].append(time.monotonic() - t0)
-    for ns, pid in zip(nss, pids):
+    for ns, pid in zip(nss, pids, strict=True):
         t0 = time.monotonic()
         sh(["podman", "kill", "--signal=HUP", f"{bench.b.channel}-dnsmasq-{ns}-serial"])
         out["podman_kill"].append(time.monotonic() - t0)
