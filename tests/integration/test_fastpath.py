@@ -10,8 +10,10 @@ got a HUP would be gone.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -240,3 +242,27 @@ def test_a_recovery_respawns_in_parallel_chunks_and_serves_a_request_that_arrive
         calls = Calls(b, monkeypatch)
         b.engine.sync(b.channel, full=False)
         assert calls.made == []
+
+
+def test_a_lingering_sync_serves_the_next_request_itself_and_still_exits(b: Broker, netns: str) -> None:
+    """`sync --quick --linger=S`: a request written while the sync lingers is answered by that same
+    process; with nothing more to do it exits about S seconds after the last request."""
+    r = start(b, netns)
+    env = dict(os.environ, SAFESPAWN_CONFIG=str(b.config_path))
+    p = subprocess.Popen([sys.executable, "-m", "safespawn.cli", "sync", "--quick", "--linger=1.5",
+                          b.channel], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        time.sleep(0.5)
+        assert p.poll() is None  # lingering
+        t0 = time.monotonic()
+        hup = client.submit(str(b.channel_dir()), client.signal_request("HUP", pid=r["pid"], profile="nsleeper"),
+                            timeout=10)
+        assert hup["ok"], hup
+        assert p.poll() is None, "the reply came from another process"
+        assert p.wait(timeout=20) == 0
+        assert time.monotonic() - t0 >= 1.0  # it waited again after serving
+    finally:
+        p.kill()
+        p.wait()
+    assert p.stderr is not None
+    assert p.stderr.read().decode().count(f"sync {b.channel}: handled 1,") == 1
