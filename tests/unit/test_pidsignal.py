@@ -169,3 +169,67 @@ def test_a_process_that_is_gone_is_reported_gone(tmp_path: Path) -> None:
     while os.path.exists(f"/proc/{p.pid}") and time.monotonic() < deadline:
         time.sleep(0.01)
     assert pidsignal.send(ident, signal.SIGTERM, proc) in (Delivery.GONE, Delivery.MISMATCH)
+
+
+# -- readiness: the profile's ready_pid_file -------------------------------------------------------
+
+def _profile(**extra: object) -> dict[str, object]:
+    base: dict[str, object] = {"name": "p", "command": ["prog"], "netns": "forbidden", "key_from": "--key",
+                               "args": {"--key": {"type": "regex", "pattern": "[a-z]+"},
+                                        "--pid-file": {"type": "path"},
+                                        "-p": {"type": "path", "separate": True}}}
+    base.update(extra)
+    return base
+
+
+@pytest.mark.parametrize("option", ["--nope", "--key"])
+def test_ready_pid_file_must_name_a_path_option_of_the_profile(option: str) -> None:
+    from safespawn.errors import ConfigError
+    from safespawn.policy import parse_profile
+
+    with pytest.raises(ConfigError, match="ready_pid_file"):
+        parse_profile(_profile(ready_pid_file=option), "test")
+
+
+@pytest.mark.parametrize(("option", "args", "found"), [
+    ("--pid-file", ("--key=a", "--pid-file=/d/one"), "/d/one"),
+    ("--pid-file", ("--pid-file=/d/one", "--pid-file=/d/two"), "/d/two"),  # the last one, as programs read it
+    ("--pid-file", ("--key=a",), None),
+    ("-p", ("-p", "/d/three"), "/d/three"),
+    ("-p", ("--key=a", "-p"), None),
+])
+def test_the_pid_file_is_read_from_the_checked_arguments(option: str, args: tuple[str, ...],
+                                                         found: str | None) -> None:
+    from safespawn.policy import parse_profile
+
+    assert parse_profile(_profile(ready_pid_file=option), "test").pid_file(args) == found
+
+
+def test_the_builtin_dnsmasq_profile_waits_for_its_pid_file() -> None:
+    from safespawn.policy import load_profile
+
+    p = load_profile("dnsmasq", None)
+    assert p.ready_pid_file == "--pid-file"
+    assert p.pid_file(("--no-hosts", "--pid-file=/var/lib/neutron/dhcp/N/pid")) == "/var/lib/neutron/dhcp/N/pid"
+
+
+def test_only_a_fresh_regular_pid_file_counts_as_ready_never_what_a_link_points_to(tmp_path: Path) -> None:
+    """The pid file lies in an agent-writable dir: it is lstat'ed, never followed or opened."""
+    from safespawn.engine import _written_since
+
+    since = time.time()
+    fresh = tmp_path / "pid"
+    fresh.write_text("123\n")
+    assert _written_since(str(fresh), since)
+    old = tmp_path / "old"
+    old.write_text("1\n")
+    os.utime(old, (since - 60, since - 60))
+    assert not _written_since(str(old), since)
+    link = tmp_path / "link"
+    link.symlink_to(fresh)
+    os.utime(link, (since - 60, since - 60), follow_symlinks=False)
+    assert not _written_since(str(link), since)  # the link itself is not a regular file
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    assert not _written_since(str(fifo), since)  # and a FIFO is never opened (it would block)
+    assert not _written_since(str(tmp_path / "missing"), since)
