@@ -215,21 +215,21 @@ def test_the_builtin_dnsmasq_profile_waits_for_its_pid_file() -> None:
 
 def test_only_a_fresh_regular_pid_file_counts_as_ready_never_what_a_link_points_to(tmp_path: Path) -> None:
     """The pid file lies in an agent-writable dir: it is lstat'ed, never followed or opened."""
-    from safespawn.engine import _written_since
+    from safespawn.readiness import written_since
 
     since = time.time()
     fresh = tmp_path / "pid"
     fresh.write_text("123\n")
-    assert _written_since(str(fresh), since)
+    assert written_since(str(fresh), since)
     old = tmp_path / "old"
     old.write_text("1\n")
     os.utime(old, (since - 60, since - 60))
-    assert not _written_since(str(old), since)
+    assert not written_since(str(old), since)
     link = tmp_path / "link"
     link.symlink_to(fresh)
     os.utime(link, (since - 60, since - 60), follow_symlinks=False)
-    assert not _written_since(str(link), since)  # the link itself is not a regular file
+    assert not written_since(str(link), since)  # the link itself is not a regular file
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
-    assert not _written_since(str(fifo), since)  # and a FIFO is never opened (it would block)
-    assert not _written_since(str(tmp_path / "missing"), since)
+    assert not written_since(str(fifo), since)  # and a FIFO is never opened (it would block)
+    assert not written_since(str(tmp_path / "missing"), since)
