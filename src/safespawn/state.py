@@ -44,6 +44,7 @@ class DesiredSidecar:
     spec_hash: str = ""
     pid: int = 0
     pid_start: int = 0
+    started_at: int = 0
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DesiredSidecar:
@@ -51,7 +52,8 @@ class DesiredSidecar:
                    request_id=d.get("request_id", ""), since=float(d.get("since", 0)),
                    failures=int(d.get("failures", 0)), next_retry=float(d.get("next_retry", 0)),
                    container_id=str(d.get("container_id", "")), spec_hash=str(d.get("spec_hash", "")),
-                   pid=int(d.get("pid", 0)), pid_start=int(d.get("pid_start", 0)))
+                   pid=int(d.get("pid", 0)), pid_start=int(d.get("pid_start", 0)),
+                   started_at=int(d.get("started_at", 0)))
 
     @property
     def identity(self) -> ProcessIdentity | None:
@@ -59,12 +61,13 @@ class DesiredSidecar:
             return None
         return ProcessIdentity(self.pid, self.pid_start, self.container_id)
 
-    def running_as(self, ident: ProcessIdentity | None, spec_hash: str) -> DesiredSidecar:
-        """The same desired sidecar, with the container and process it was last verified to run as."""
+    def running_as(self, ident: ProcessIdentity | None, spec_hash: str, started_at: int = 0) -> DesiredSidecar:
+        """The same desired sidecar, with the container and process it was last verified to run as
+        (`started_at`: the container's start, unix seconds, as the runtime reports it)."""
         if ident is None:
-            return replace(self, container_id="", spec_hash="", pid=0, pid_start=0)
+            return replace(self, container_id="", spec_hash="", pid=0, pid_start=0, started_at=0)
         return replace(self, container_id=ident.container_id, spec_hash=spec_hash, pid=ident.pid,
-                       pid_start=ident.start_ticks)
+                       pid_start=ident.start_ticks, started_at=started_at)
 
     def failed(self, now: float) -> DesiredSidecar:
         n = self.failures + 1

@@ -1,5 +1,5 @@
-"""The fast paths with real podman: signals through a verified pidfd, syncs without listings, starts
-without a listing.
+"""The fast paths with real podman: signals through a verified pidfd, syncs without listings, a
+recovery served in chunks, a lingering sync.
 
 The sidecar here is a test-only profile, a shell in a netns that prints `got-HUP` each time it gets
 SIGHUP (a trap: as PID 1 of its pid namespace it would ignore a signal it has no handler for), so a
@@ -189,8 +189,8 @@ def test_an_idle_quick_sync_lists_nothing_and_a_dead_sidecar_still_makes_it_resp
 
 
 def test_a_new_sidecar_whose_name_a_leftover_container_holds_replaces_it(b: Broker, netns: str) -> None:
-    """A start of a sidecar the desired state does not know runs without a listing; a leftover of the
-    same name (here: an exited container with the channel's label) is removed and the start retried."""
+    """A leftover of a new sidecar's name (here: a created container with the channel's label, not in
+    the desired state) is replaced by the start."""
     name = f"{b.channel}-nsleeper-{netns}"
     image = b.engine.config.channel(b.channel).image
     subprocess.run(["podman", "create", f"--name={name}", f"--label=safespawn.channel={b.channel}",
