@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -581,18 +582,21 @@ class Reconciler:
         """`workers` at a time, in chunks of 4 x workers; between chunks `serve` answers what arrived
         meanwhile (a reboot recovery of hundreds of sidecars must not hold an agent's request)."""
         state, audit = s.state, s.audit
+        lock = threading.Lock()  # the result and the audit log are shared by the workers
 
         def one(d: DesiredSidecar, spec: SidecarSpec) -> None:
             try:
                 if spec.name in existing:
                     self.runtime.remove(spec.name)
                 self.runtime.run(spec)
-                s.result.respawned += 1
-                audit.record("reconcile", d.request_id, f"respawned {spec.name}", sidecar=spec.name)
+                with lock:
+                    s.result.respawned += 1
+                    audit.record("reconcile", d.request_id, f"respawned {spec.name}", sidecar=spec.name)
             except RuntimeFailed as e:
-                s.result.errors.append(e.message)
-                audit.record("reconcile", d.request_id, f"respawn of {spec.name} failed: {e.message}",
-                             sidecar=spec.name)
+                with lock:
+                    s.result.errors.append(e.message)
+                    audit.record("reconcile", d.request_id, f"respawn of {spec.name} failed: {e.message}",
+                                 sidecar=spec.name)
 
         chunk = 4 * self.workers
         with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="safespawn-respawn") as pool:
