@@ -517,7 +517,7 @@ class Reconciler:
         through /proc, its netns still there), there is nothing to respawn and nothing is listed; a
         changed profile or image, orphans and leftovers wait for the next full sync.
         """
-        if s.quick and self._all_run_as_recorded(s):
+        if s.quick and self._all_run_as_recorded(s) and self._refresh_pid_files(s):
             changed = False
             for name, d in list(s.state.desired.items()):
                 if d.failures:
@@ -626,6 +626,21 @@ class Reconciler:
                 if specs[name].pid_files:
                     self.pid_files.refresh(s.channel.data_dirs, audit, specs[name], c.pid, wait_child=1.0)
         state.save_desired()
+
+    def _refresh_pid_files(self, s: _Sync) -> bool:
+        """The quick path keeps the host-written pid files true too (the agent may have removed or
+        replaced one), with the recorded pid; False if a sidecar's policy check fails (the full pass
+        then drops it)."""
+        for d in s.state.desired.values():
+            profile = self.policy.profiles.get(d.profile)
+            if profile is None or not profile.pid_files:
+                continue
+            try:
+                spec = self.policy.authorize_respawn(s.channel, d)
+            except SafespawnError:
+                return False
+            self.pid_files.refresh(s.channel.data_dirs, s.audit, spec, d.pid)
+        return True
 
     def _all_run_as_recorded(self, s: _Sync) -> bool:
         netns_dir = str(s.channel_netns_dir)

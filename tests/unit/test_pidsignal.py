@@ -205,14 +205,6 @@ def test_the_pid_file_is_read_from_the_checked_arguments(option: str, args: tupl
     assert parse_profile(_profile(ready_pid_file=option), "test").pid_file(args) == found
 
 
-def test_the_builtin_dnsmasq_profile_waits_for_its_pid_file() -> None:
-    from safespawn.policy import load_profile
-
-    p = load_profile("dnsmasq", None)
-    assert p.ready_pid_file == "--pid-file"
-    assert p.pid_file(("--no-hosts", "--pid-file=/var/lib/neutron/dhcp/N/pid")) == "/var/lib/neutron/dhcp/N/pid"
-
-
 def test_only_a_fresh_regular_pid_file_counts_as_ready_never_what_a_link_points_to(tmp_path: Path) -> None:
     """The pid file lies in an agent-writable dir: it is lstat'ed, never followed or opened."""
     from safespawn.readiness import written_since
