@@ -269,11 +269,6 @@ class ChannelDir:
         atomic_write(self.fds["outbox"], "status.json", json.dumps(status, indent=1).encode() + b"\n",
                      mode=0o644, fsync=False)
 
-    def has_status(self) -> bool:
-        try:
-            return stat.S_ISREG(os.stat("status.json", dir_fd=self.fds["outbox"], follow_symlinks=False).st_mode)
-        except OSError:
-            return False
 
 
 def channel_layout(base: str, agent_uid: int | None = None,
