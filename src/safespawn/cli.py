@@ -19,7 +19,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import client
 from .audit import read_recent
@@ -61,17 +61,48 @@ def cmd_sync(args: argparse.Namespace, cfg: Config) -> int:
     rc = ExitCode.OK
     for n in names:
         try:
-            r = engine.sync(n, wait=not args.no_wait)
+            r = engine.sync(n, wait=not args.no_wait, full=not args.quick)
         except ChannelLocked:
             log.info("channel %s is being synced by another process", n)
             rc = ExitCode.LOCKED
             continue
-        log.info("sync %s: handled %d, refused %d, quarantined %d, replayed %d, deferred %d, respawned %d, "
-                 "removed %d", n, r.handled, r.refused, r.quarantined, r.replayed, r.deferred, r.respawned,
-                 r.removed)
-        for err in r.errors:
-            log.warning("sync %s: %s", n, err)
+        _log_sync(n, r)
+    if args.linger > 0 and rc == ExitCode.OK:
+        _linger(engine, cfg, names, min(args.linger, MAX_LINGER))
     return rc
+
+
+# A lingering sync still ends: systemd's TimeoutStartSec and the next reconcile must never wait on it.
+MAX_LINGER = 30.0
+
+
+def _log_sync(n: str, r: Any) -> None:
+    log.info("sync %s: handled %d, refused %d, quarantined %d, replayed %d, deferred %d, respawned %d, "
+             "removed %d", n, r.handled, r.refused, r.quarantined, r.replayed, r.deferred, r.respawned, r.removed)
+    for err in r.errors:
+        log.warning("sync %s: %s", n, err)
+
+
+def _linger(engine: Any, cfg: Config, names: list[str], seconds: float) -> None:
+    """Wait up to `seconds` after the last request for the next one, serving it in this process, so
+    that a steady trickle of requests does not pay a process start each. The path unit stays the
+    safety net: a request that arrives after this returns finds a non-empty inbox/new and starts the
+    next run."""
+    import time
+
+    inboxes = {n: str(cfg.broker.channels_dir / n / "inbox" / "new") for n in names}
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for n, inbox in inboxes.items():
+            try:
+                with os.scandir(inbox) as it:
+                    waiting = any(True for _ in it)
+            except OSError:
+                waiting = False
+            if waiting:
+                _log_sync(n, engine.sync(n, full=False))
+                deadline = time.monotonic() + seconds
+        time.sleep(0.005)
 
 
 def cmd_watch(args: argparse.Namespace, cfg: Config) -> int:
@@ -278,6 +309,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("channels", nargs="*")
     s.add_argument("--all", action="store_true", help="every configured channel")
     s.add_argument("--no-wait", action="store_true", help="skip a channel another sync holds")
+    s.add_argument("--quick", action="store_true",
+                   help="trust the recorded processes of running sidecars: no listing when all still run "
+                   "(orphans and leftovers wait for the next full sync)")
+    s.add_argument("--linger", type=float, default=0.0, metavar="SECONDS",
+                   help=f"after serving, wait this long for the next request (at most {MAX_LINGER:g})")
     s.set_defaults(run=_with_config(cmd_sync))
 
     s = sub.add_parser("watch", help="lay out the channels and sync them as requests arrive (hosts without "

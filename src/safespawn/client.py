@@ -147,7 +147,8 @@ def submit(channel_dir: str, request: Dict[str, Any], timeout: float = DEFAULT_T
     rid = request["id"]
     new = _write_request(channel_dir, request)
     reply_path = os.path.join(channel_dir, "outbox", "replies", rid + ".json")
-    deadline = time.monotonic() + timeout
+    start = time.monotonic()
+    deadline = start + timeout
     delay = 0.005
     while True:
         reply = _read_reply(reply_path, rid)
@@ -157,7 +158,9 @@ def submit(channel_dir: str, request: Dict[str, Any], timeout: float = DEFAULT_T
         if now >= deadline:
             break
         time.sleep(min(delay, deadline - now))
-        delay = min(delay * 1.5, 0.1)
+        # A reply usually comes within a few tens of ms (a signal, a sync that lingers): look often
+        # for the first second (a stat each, nothing more), then back off.
+        delay = min(delay * 1.5, 0.02 if now - start < 1.0 else 0.1)
     withdrawn = False
     try:
         os.unlink(new)

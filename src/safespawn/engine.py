@@ -29,14 +29,15 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from . import metrics, rollout
+from . import metrics, pidsignal, rollout
 from .audit import AuditLog
 from .config import ChannelConfig, Config
 from .errors import BadRequest, ChannelUnsafe, ErrorCode, RuntimeFailed, SafespawnError
@@ -54,9 +55,10 @@ from .policy import (
     flood_excess,
     judge_id,
 )
+from .readiness import written_since
 from .request import Reply, Request, parse_request
 from .runtime import Container, Runtime, make_runtime
-from .sidecar import SidecarSpec
+from .sidecar import LABEL_CHANNEL, LABEL_KEY, LABEL_NETNS, LABEL_PROFILE, LABEL_SPEC, SidecarSpec
 from .state import ChannelState, Claim, DesiredSidecar, Done
 
 log = logging.getLogger(__name__)
@@ -129,6 +131,8 @@ class Acted:
     decision: Decision | None
     reply: Reply | None
     started: bool = False  # a container was (re)created for this start
+    ran_at: float = 0.0  # wall clock just before `run` (a fresh pid file is newer), and after it
+    run_done: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -156,6 +160,10 @@ class Snapshot:
             self._containers = {c.name: c for c in self.runtime.list(self.channel)}
         return self._containers
 
+    @property
+    def fetched(self) -> bool:
+        return self._containers is not None
+
     def forget(self, name: str) -> None:
         """`name` was removed."""
         if self._containers is not None:
@@ -174,6 +182,29 @@ class _Sync:
     audit: AuditLog
     result: SyncResult
     snapshot: Snapshot
+    quick: bool = False  # trust the recorded processes: no listing while they all verify
+    channel_netns_dir: str = "/run/netns"
+    alive_seen: dict[pidsignal.ProcessIdentity, bool] = field(default_factory=dict)
+
+    def alive(self, ident: pidsignal.ProcessIdentity) -> bool:
+        """Whether a recorded process still runs, read from /proc once per sync (a signal re-checks
+        at delivery anyway)."""
+        seen = self.alive_seen.get(ident)
+        if seen is None:
+            seen = self.alive_seen[ident] = pidsignal.is_alive(ident)
+        return seen
+
+    def vouched(self) -> dict[str, Container]:
+        """The desired sidecars whose recorded process still verifies, as the containers they are."""
+        out = {}
+        for d in self.state.desired.values():
+            ident = d.identity
+            if ident is not None and d.spec_hash and self.alive(ident):
+                out[d.name] = Container(d.container_id, d.name, "running", d.pid, started=d.started_at, labels={
+                    LABEL_CHANNEL: self.channel.name, LABEL_PROFILE: d.profile,
+                    LABEL_KEY: d.name[len(self.channel.name) + len(d.profile) + 2:], LABEL_NETNS: d.netns or "",
+                    LABEL_SPEC: d.spec_hash})
+        return out
 
 
 # -- intake ------------------------------------------------------------------------------------
@@ -281,20 +312,26 @@ class Actor:
         def run_group(group: list[tuple[int, Planned, Decision]]) -> None:
             for n, p, d in group:
                 try:
-                    acted[n] = self._one(p.incoming, d, containers)
+                    acted[n] = self._one(s, p.incoming, d, containers)
                 except SafespawnError as e:
                     if isinstance(e, RuntimeFailed):
                         s.snapshot.invalidate()  # what the failed call left behind is unknown
                     acted[n] = Acted(p.incoming, d, Reply.failure(p.incoming.request.id, e.code, e.message))
 
-        if groups:
+        fast = all(isinstance(d, Signal) and s.state.desired.get(d.target) is not None
+                   and s.state.desired[d.target].identity is not None for g in groups.values() for _, _, d in g)
+        if len(groups) == 1 or fast:
+            # One sidecar, or only pidfd signals (microseconds each): a thread pool costs more.
+            for g in groups.values():
+                run_group(g)
+        elif groups:
             workers = max(1, min(self.workers, len(groups)))
             with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="safespawn-act") as pool:
                 for f in [pool.submit(run_group, g) for g in groups.values()]:
                     f.result()
         return [acted[n] for n in range(len(planned))]
 
-    def _one(self, i: Incoming, d: Decision, containers: dict[str, Container]) -> Acted:
+    def _one(self, s: _Sync, i: Incoming, d: Decision, containers: dict[str, Container]) -> Acted:
         name = d.target
         c = containers.get(name)
         rid = i.request.id
@@ -303,13 +340,14 @@ class Actor:
                 return Acted(i, d, None)  # the same sidecar already runs: nothing to do
             if c is not None:
                 self.runtime.remove(name)  # different spec, or exited/created: replace it
+            ran_at = time.time()
             self.runtime.run(d.spec)
             # Later requests of this batch for the same sidecar see what was just started.
             containers[name] = Container(STARTED_IN_BATCH, name, "created", 0, d.spec.labels)
-            return Acted(i, d, None, started=True)
+            return Acted(i, d, None, started=True, ran_at=ran_at, run_done=time.time())
         pid = c.pid if c else None
         if isinstance(d, Signal):
-            self.runtime.signal(name, d.signal)
+            self._deliver(s, name, d.signal)
         elif isinstance(d, Stop):
             self.runtime.stop(name, d.grace)
             containers.pop(name, None)
@@ -317,6 +355,19 @@ class Actor:
             self.runtime.remove(name)
             containers.pop(name, None)
         return Acted(i, d, Reply(rid, True, name, pid))
+
+    def _deliver(self, s: _Sync, name: str, signal: str) -> None:
+        """Through a pidfd to the recorded process when it verifies (pidsignal.send checks it with the
+        pidfd open); else the runtime, which finds the container by name, never by a reused pid."""
+        d = s.state.desired.get(name)
+        ident = d.identity if d is not None else None
+        num = pidsignal.signal_number(signal)
+        if ident is not None and num is not None:
+            outcome = pidsignal.send(ident, num)
+            if outcome is pidsignal.Delivery.SENT:
+                return
+            log.info("signal %s to %s: fast path refused (%s), using the runtime", signal, name, outcome.value)
+        self.runtime.signal(name, signal)
 
 
 # -- verify --------------------------------------------------------------------------------------
@@ -335,8 +386,7 @@ class Verifier:
         starts = [a for a in acted if a.reply is None]
         now: dict[str, Container] = {}
         if starts:
-            if any(a.started for a in starts):
-                time.sleep(max(0, self.settle_ms) / 1000)
+            self._await_start_up([a for a in starts if a.started])
             now = self.runtime.inspect(sorted({a.decision.target for a in starts if a.decision is not None}))
         outcomes = []
         for a in acted:
@@ -351,6 +401,30 @@ class Verifier:
                 containers.pop(a.decision.target, None)
             outcomes.append(Outcome(a.incoming, a.decision, reply, a.started))
         return outcomes
+
+    def _await_start_up(self, started: list[Acted]) -> None:
+        """Give each new program the time to die if it is going to die at once.
+
+        A program whose profile names a `ready_pid_file` is past its start-up once that file is
+        newer than its `run` (polled, at most start_settle_ms); any other program gets the fixed
+        settle, counted from when its own `run` returned. The inspect that follows reports a
+        program that died (or that the runtime restarted) as failed either way.
+        """
+        settle = max(0, self.settle_ms) / 1000
+        waiting: dict[int, tuple[float, float, str | None]] = {}
+        for n, a in enumerate(started):
+            assert isinstance(a.decision, Start)
+            spec = a.decision.spec
+            profile = self.policy.profiles.get(spec.profile)
+            path = profile.pid_file(spec.args) if profile is not None else None
+            waiting[n] = (a.run_done + settle, a.ran_at, path)
+        while waiting:
+            now = time.time()
+            for n, (deadline, ran_at, path) in list(waiting.items()):
+                if now >= deadline or (path is not None and written_since(path, ran_at)):
+                    del waiting[n]
+            if waiting:
+                time.sleep(min(0.01, max(0.0, min(w[0] for w in waiting.values()) - now)))
 
     def _start(self, rid: str, spec: SidecarSpec, started: bool, c: Container | None) -> Reply:
         # A restart by podman's own restart policy already means it died once: report it, since it
@@ -389,6 +463,23 @@ def update_desired(state: ChannelState, outcomes: list[Outcome], now: float) -> 
         elif (isinstance(d, Start) and o.started) or (isinstance(d, Stop | Remove) and o.reply.ok):
             # a start that created a container but failed, or a successful stop/kill
             state.desired.pop(d.target, None)
+
+
+def record_processes(state: ChannelState, outcomes: list[Outcome], containers: dict[str, Container]) -> None:
+    """Record the container and process each verified start runs as (the signal fast path's
+    identity, pidsignal.py)."""
+    for o in outcomes:
+        d = o.decision
+        if isinstance(d, Start) and o.reply.ok:
+            c = containers.get(d.target)
+            desired = state.desired.get(d.target)
+            if c is None or desired is None or not c.running or c.id == STARTED_IN_BATCH:
+                continue
+            if desired.identity is not None and desired.pid == c.pid and desired.container_id == c.id \
+                    and desired.spec_hash == d.spec.spec_hash and desired.started_at == c.started:
+                continue
+            state.desired[d.target] = desired.running_as(pidsignal.identify(c.pid, c.id), d.spec.spec_hash,
+                                                         c.started)
 
 
 # -- publish -------------------------------------------------------------------------------------
@@ -438,12 +529,26 @@ class Reconciler:
         self.policy = policy
         self.clock = clock
         self.pid_files = pid_files or PidFileKeeper()
-        self.workers = workers  # a rollout batch's parallel replacements
+        self.workers = max(1, workers)  # parallel respawns, and a rollout batch's parallel replacements
         self.settle_ms = settle_ms
 
-    def reconcile(self, s: _Sync) -> None:
+    def reconcile(self, s: _Sync, serve: Callable[[], None] | None = None) -> None:
         """Respawn desired sidecars that died (with backoff), drop those the policy no longer allows,
-        remove orphans and leftovers of the channel."""
+        remove orphans and leftovers of the channel.
+
+        Quick (`s.quick`): when every desired sidecar still runs as recorded (its process verified
+        through /proc, its netns still there), there is nothing to respawn and nothing is listed; a
+        changed profile or image, orphans and leftovers wait for the next full sync.
+        """
+        if s.quick and self._all_run_as_recorded(s) and self._refresh_pid_files(s):
+            changed = False
+            for name, d in list(s.state.desired.items()):
+                if d.failures:
+                    s.state.desired[name] = replace(d, failures=0, next_retry=0.0)
+                    changed = True
+            if changed:
+                s.state.save_desired()
+            return
         try:
             listing = s.snapshot.containers()
         except RuntimeFailed as e:
@@ -468,11 +573,19 @@ class Reconciler:
                 continue
             if c is not None and c.running and c.spec_hash == spec.spec_hash:
                 # Restarted by the runtime's restart policy (new pid), or the file was removed or
-                # replaced: every sync makes the pid files true again.
+                # replaced: every full sync makes the pid files true again.
                 self.pid_files.refresh(s.channel.data_dirs, audit, spec, c.pid)
-                if d.failures:
-                    state.desired[name] = DesiredSidecar(d.name, d.profile, d.netns, d.argv, d.request_id, d.since)
-                    changed = True
+                ident = d.identity
+                if d.failures or ident is None or (ident.pid, ident.container_id) != (c.pid, c.id) \
+                        or d.spec_hash != spec.spec_hash or d.started_at != c.started \
+                        or not pidsignal.is_alive(ident):
+                    # Running, but not as recorded (restarted by the runtime, recorded by an older
+                    # version, or a stale record): record the process it runs as now.
+                    new = replace(d, failures=0, next_retry=0.0).running_as(pidsignal.identify(c.pid, c.id),
+                                                                            spec.spec_hash, c.started)
+                    if new != d:
+                        state.desired[name] = new
+                        changed = True
                 continue
             if c is not None and c.running:
                 # Running, but its image or profile changed: rolled in batches (safespawn.rollout).
@@ -488,36 +601,10 @@ class Reconciler:
                 # or a leftover Created/Exited container.
                 self._remove_quiet(s, name)
                 audit.record("reconcile", None, f"removed {name} ({c.state}): not desired", sidecar=name)
-        respawned: list[SidecarSpec] = []
-        for d, spec in to_start:
-            try:
-                if spec.name in listing:
-                    self.runtime.remove(spec.name)
-                self.runtime.run(spec)
-                respawned.append(spec)
-                s.result.respawned += 1
-                audit.record("reconcile", d.request_id, f"respawned {spec.name}", sidecar=spec.name)
-            except RuntimeFailed as e:
-                s.result.errors.append(e.message)
-                s.result.respawn_failed += 1
-                audit.record("reconcile", d.request_id, f"respawn of {spec.name} failed: {e.message}",
-                             sidecar=spec.name)
-            state.desired[d.name] = d.failed(now)
-            changed = True
-        if to_start:
-            s.snapshot.invalidate()  # the respawned containers' pids are known only to a new listing
-        if any(r.pid_files for r in respawned):
-            try:
-                running = self.runtime.inspect([r.name for r in respawned])
-            except RuntimeFailed as e:
-                s.result.errors.append(e.message)
-                running = {}
-            for r in respawned:
-                c = running.get(r.name)
-                if c is not None and c.running:
-                    self.pid_files.refresh(s.channel.data_dirs, audit, r, c.pid, wait_child=1.0)
         if changed:
             state.save_desired()
+        if to_start:
+            self._respawn(s, to_start, set(listing), now, serve)
         rolled = rollout.step(self.runtime, self.policy, s.channel, state, audit, s.result, outdated,
                               workers=self.workers, settle_ms=self.settle_ms)
         if rolled:
@@ -532,6 +619,88 @@ class Reconciler:
                 c = now_running.get(r.name)
                 if c is not None and c.running:
                     self.pid_files.refresh(s.channel.data_dirs, audit, r, c.pid, wait_child=1.0)
+                    was = state.desired.get(r.name)
+                    if was is not None:
+                        # Record the new process, so that quick syncs and the signal fast path know it.
+                        state.desired[r.name] = was.running_as(pidsignal.identify(c.pid, c.id), c.spec_hash,
+                                                             c.started)
+            state.save_desired()
+
+    def _respawn(self, s: _Sync, to_start: list[tuple[DesiredSidecar, SidecarSpec]], existing: set[str],
+                 now: float, serve: Callable[[], None] | None) -> None:
+        """`workers` at a time, in chunks of 4 x workers; between chunks `serve` answers what arrived
+        meanwhile (a reboot recovery of hundreds of sidecars must not hold an agent's request)."""
+        state, audit = s.state, s.audit
+        lock = threading.Lock()  # the result and the audit log are shared by the workers
+
+        def one(d: DesiredSidecar, spec: SidecarSpec) -> None:
+            try:
+                if spec.name in existing:
+                    self.runtime.remove(spec.name)
+                self.runtime.run(spec)
+                with lock:
+                    s.result.respawned += 1
+                    audit.record("reconcile", d.request_id, f"respawned {spec.name}", sidecar=spec.name)
+            except RuntimeFailed as e:
+                with lock:
+                    s.result.errors.append(e.message)
+                    s.result.respawn_failed += 1
+                    audit.record("reconcile", d.request_id, f"respawn of {spec.name} failed: {e.message}",
+                                 sidecar=spec.name)
+
+        chunk = 4 * self.workers
+        with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="safespawn-respawn") as pool:
+            for n in range(0, len(to_start), chunk):
+                if n and serve is not None:
+                    state.save_desired()
+                    s.snapshot.invalidate()
+                    serve()
+                # A request served meanwhile may have started, replaced or stopped one of these.
+                part = [(d, spec) for d, spec in to_start[n:n + chunk] if state.desired.get(d.name) == d]
+                for f in [pool.submit(one, d, spec) for d, spec in part]:
+                    f.result()
+                for d, _ in part:
+                    state.desired[d.name] = d.failed(now)  # a failure until seen running (backoff)
+        s.snapshot.invalidate()
+        # One inspect records the processes the respawned sidecars run as, so that the next syncs
+        # (and this one's status) need no listing.
+        specs = {d.name: spec for d, spec in to_start}
+        try:
+            running = self.runtime.inspect(sorted(specs))
+        except RuntimeFailed:
+            running = {}
+        for name, c in running.items():
+            respawned = state.desired.get(name)
+            if respawned is not None and c.running and c.spec_hash == specs[name].spec_hash:
+                state.desired[name] = respawned.running_as(pidsignal.identify(c.pid, c.id), c.spec_hash, c.started)
+                if specs[name].pid_files:
+                    self.pid_files.refresh(s.channel.data_dirs, audit, specs[name], c.pid, wait_child=1.0)
+        state.save_desired()
+
+    def _refresh_pid_files(self, s: _Sync) -> bool:
+        """The quick path keeps the host-written pid files true too (the agent may have removed or
+        replaced one), with the recorded pid; False if a sidecar's policy check fails (the full pass
+        then drops it)."""
+        for d in s.state.desired.values():
+            profile = self.policy.profiles.get(d.profile)
+            if profile is None or not profile.pid_files:
+                continue
+            try:
+                spec = self.policy.authorize_respawn(s.channel, d)
+            except SafespawnError:
+                return False
+            self.pid_files.refresh(s.channel.data_dirs, s.audit, spec, d.pid)
+        return True
+
+    def _all_run_as_recorded(self, s: _Sync) -> bool:
+        netns_dir = str(s.channel_netns_dir)
+        for d in s.state.desired.values():
+            ident = d.identity
+            if ident is None or not d.spec_hash or not s.alive(ident):
+                return False
+            if d.netns is not None and not os.path.lexists(os.path.join(netns_dir, d.netns)):
+                return False  # gone: the full pass drops the sidecar
+        return True
 
     def _remove_quiet(self, s: _Sync, name: str) -> None:
         try:
@@ -597,26 +766,33 @@ class Engine:
     def sync_all(self) -> list[SyncResult]:
         return [self.sync(name) for name in sorted(self.config.channels)]
 
-    def sync(self, name: str, wait: bool = True) -> SyncResult:
+    def sync(self, name: str, wait: bool = True, full: bool = True) -> SyncResult:
         """Serve a channel's pending requests and reconcile its sidecars. Raises ChannelLocked when
-        another sync holds the channel and `wait` is false."""
+        another sync holds the channel and `wait` is false.
+
+        `full=False` (`sync --quick`, watch between its full passes): the reconcile trusts the
+        recorded processes of running sidecars and lists nothing while they all verify."""
         channel = self.config.channel(name)
         b = self.config.broker
         t0 = time.monotonic()
         with ChannelState.locked(str(b.state_dir), name, wait=wait) as state:
             s = _Sync(channel, state, AuditLog(state.audit_path, name), SyncResult(name),
-                      Snapshot(self.runtime, name))
+                      Snapshot(self.runtime, name), quick=not full, channel_netns_dir=str(b.netns_dir))
             try:
                 with ChannelDir.of(b.channels_dir, name, state.quarantine_path) as chan:
                     for what, where in chan.repaired:
                         s.audit.record("quarantine", None, f"{what} was not a plain directory: moved aside and "
                                        "laid out again", code="bad_request", file=where)
                     self._drain(s, chan)
-                    self.reconciler.reconcile(s)
-                    try:
-                        containers = s.snapshot.containers()
-                    except RuntimeFailed:
-                        containers = {}
+                    self.reconciler.reconcile(s, serve=lambda: self._drain(s, chan))
+                    vouched = s.vouched() if not s.snapshot.fetched else {}
+                    if not s.snapshot.fetched and len(vouched) == len(state.desired):
+                        containers = vouched  # every sidecar verified as recorded: no listing needed
+                    else:
+                        try:
+                            containers = s.snapshot.containers()
+                        except RuntimeFailed:
+                            containers = {}
                     st = status_of(name, state, containers, b.reconcile_interval, self.policy, channel)
                     s.result.sidecars = [(x["profile"], x["state"]) for x in st["sidecars"]]
                     s.result.outdated = sum(1 for x in st["sidecars"] if x["outdated"])
@@ -648,6 +824,27 @@ class Engine:
             containers = {}
         return status_of(name, state, containers, self.config.broker.reconcile_interval, self.policy,
                          self.config.channel(name))
+
+    def _decide_without_listing(self, s: _Sync, incoming: list[Incoming]) -> list[Planned] | None:
+        """The gate's decisions against what the desired state vouches for (recorded processes that
+        still verify), if that is enough: every request is a signal or stop of such a sidecar. None
+        when the runtime's listing is needed: a start (it compares against whatever exists under the
+        name, leftovers included), a pid or name the record does not vouch for, a request claimed
+        before a crash."""
+        if any(i.interrupted for i in incoming):
+            return None  # claimed before a crash: what it did is only known to the runtime
+        vouched = s.vouched()
+        planned = decide(self.policy, s, incoming, vouched)
+        for p in planned:
+            d = p.decision
+            if d is None:
+                if p.refusal is not None and p.refusal.error is not None and \
+                        p.refusal.error.code == ErrorCode.NOT_FOUND.value:
+                    return None  # maybe one the record does not vouch for: ask the runtime
+                continue
+            if isinstance(d, Start) or d.target not in vouched:
+                return None
+        return planned
 
     # -- drain ---------------------------------------------------------------------------------
 
@@ -697,13 +894,17 @@ class Engine:
     def _serve(self, s: _Sync, incoming: list[Incoming]) -> list[Outcome]:
         if not incoming:
             return []
-        try:
-            containers = s.snapshot.containers()
-        except RuntimeFailed as e:
-            # podman itself is broken: answer now rather than leave the agents waiting.
-            s.result.errors.append(e.message)
-            return [Outcome(i, None, Reply.failure(i.request.id, e.code, e.message)) for i in incoming]
-        planned = decide(self.policy, s, incoming, containers)
+        planned = self._decide_without_listing(s, incoming)
+        if planned is not None:
+            containers = s.vouched()
+        else:
+            try:
+                containers = s.snapshot.containers()
+            except RuntimeFailed as e:
+                # podman itself is broken: answer now rather than leave the agents waiting.
+                s.result.errors.append(e.message)
+                return [Outcome(i, None, Reply.failure(i.request.id, e.code, e.message)) for i in incoming]
+            planned = decide(self.policy, s, incoming, containers)
         acted = self.actor.act(s, planned, containers)
         outcomes = self.verifier.verify(acted, containers)
         for o in outcomes:
@@ -711,8 +912,11 @@ class Engine:
                 # Before the reply: the wrapper returns on it, and Neutron reads the pid file next.
                 self.pid_files.refresh(s.channel.data_dirs, s.audit, o.decision.spec, o.reply.pid,
                                        wait_child=1.0 if o.started else 0.0)
+        before = dict(s.state.desired)
         update_desired(s.state, outcomes, self.clock())
-        s.state.save_desired()
+        record_processes(s.state, outcomes, containers)
+        if s.state.desired != before:
+            s.state.save_desired()
         # The next batch and reconcile list afresh: a sidecar may die right after its check, and
         # reconcile must see that rather than what this batch believes it left.
         s.snapshot.invalidate()

@@ -265,8 +265,10 @@ class ChannelDir:
                     continue
 
     def write_status(self, status: dict[str, Any]) -> None:
+        # No fsync: status.json is informational and rewritten by every sync; the
+        # rename keeps it whole.
         atomic_write(self.fds["outbox"], "status.json", json.dumps(status, indent=1).encode() + b"\n",
-                     mode=0o644)
+                     mode=0o644, fsync=False)
 
 
 def channel_layout(base: str, agent_uid: int | None = None,

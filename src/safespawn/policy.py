@@ -33,7 +33,6 @@ import os
 import re
 import stat
 import tomllib
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -116,6 +115,8 @@ class ArgRule:
 
 def _is_uuid(value: str) -> bool:
     try:
+        import uuid  # imported here: uuid pulls in platform, which only a uuid check should pay for
+
         return str(uuid.UUID(value)) == value.lower() and len(value) == 36
     except ValueError:
         return False
@@ -208,6 +209,25 @@ class Profile:
         if len(set(options)) != len(options) or len({f for f, _ in files}) != len(files):
             raise PolicyDenied(f"each pid-file option of {self.name} may be given once, naming distinct files")
         return tuple(out), tuple(files)
+
+    # An option (a path) naming the pid file the program writes once its start-up is over (dnsmasq
+    # writes it after opening its sockets and lease file): the broker waits for that file instead of
+    # the fixed start settle. None: the fixed settle.
+    ready_pid_file: str | None = None
+
+    def pid_file(self, args: tuple[str, ...]) -> str | None:
+        """The value of `ready_pid_file` in checked arguments (the last one wins, as in the programs)."""
+        opt = self.ready_pid_file
+        if opt is None:
+            return None
+        rule = self.rules[opt]
+        found = None
+        for i, a in enumerate(args):
+            if rule.separate and a == opt and i + 1 < len(args):
+                found = args[i + 1]
+            elif not rule.separate and a.startswith(opt + "="):
+                found = a[len(opt) + 1:]
+        return found
 
     def check_argv(self, argv: tuple[str, ...], data_dirs: tuple[str, ...]) -> dict[str, list[str]]:
         """Every argument must match one rule. Returns the options seen with their values."""
@@ -319,6 +339,9 @@ def parse_profile(data: dict[str, Any], where: str) -> Profile:
     netns_option = d.pop("netns_option", None)
     if netns_option is not None and (netns == "forbidden" or netns_option not in rules):
         raise ConfigError(f"{where}: netns_option names an option that is not in args, or netns is forbidden")
+    ready_pid_file = d.pop("ready_pid_file", None)
+    if ready_pid_file is not None and (ready_pid_file not in rules or rules[ready_pid_file].type != "path"):
+        raise ConfigError(f"{where}: ready_pid_file names an option that is not a path in args")
     if key_from != "netns" and key_from not in rules:
         raise ConfigError(f"{where}: key_from names an option that is not in args")
     if netns != "required" and key_from == "netns":
@@ -350,6 +373,7 @@ def parse_profile(data: dict[str, Any], where: str) -> Profile:
         rules=rules,
         description=str(d.pop("description", "")),
         pid_files=dict(pid_files),
+        ready_pid_file=ready_pid_file,
     )
     if d:
         raise ConfigError(f"{where}: unknown keys {', '.join(sorted(d))}")

@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 
 from .errors import ChannelLocked
 from .files import append_line, atomic_write, open_dir
+from .pidsignal import ProcessIdentity
 
 LEDGER_KEEP_SECONDS = 7 * 24 * 3600
 LEDGER_COMPACT_LINES = 50_000
@@ -37,12 +38,36 @@ class DesiredSidecar:
     since: float
     failures: int = 0
     next_retry: float = 0.0
+    # The running container as last verified: its id, spec hash and main process (host pid and
+    # start time, see pidsignal.py). Lets a signal or an idle sync skip the runtime's listing.
+    container_id: str = ""
+    spec_hash: str = ""
+    pid: int = 0
+    pid_start: int = 0
+    started_at: int = 0
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DesiredSidecar:
         return cls(name=d["name"], profile=d["profile"], netns=d.get("netns"), argv=tuple(d.get("argv", ())),
                    request_id=d.get("request_id", ""), since=float(d.get("since", 0)),
-                   failures=int(d.get("failures", 0)), next_retry=float(d.get("next_retry", 0)))
+                   failures=int(d.get("failures", 0)), next_retry=float(d.get("next_retry", 0)),
+                   container_id=str(d.get("container_id", "")), spec_hash=str(d.get("spec_hash", "")),
+                   pid=int(d.get("pid", 0)), pid_start=int(d.get("pid_start", 0)),
+                   started_at=int(d.get("started_at", 0)))
+
+    @property
+    def identity(self) -> ProcessIdentity | None:
+        if self.pid <= 0 or not self.container_id:
+            return None
+        return ProcessIdentity(self.pid, self.pid_start, self.container_id)
+
+    def running_as(self, ident: ProcessIdentity | None, spec_hash: str, started_at: int = 0) -> DesiredSidecar:
+        """The same desired sidecar, with the container and process it was last verified to run as
+        (`started_at`: the container's start, unix seconds, as the runtime reports it)."""
+        if ident is None:
+            return replace(self, container_id="", spec_hash="", pid=0, pid_start=0, started_at=0)
+        return replace(self, container_id=ident.container_id, spec_hash=spec_hash, pid=ident.pid,
+                       pid_start=ident.start_ticks, started_at=started_at)
 
     def failed(self, now: float) -> DesiredSidecar:
         n = self.failures + 1
@@ -78,6 +103,22 @@ def _ledger_line(e: LedgerEntry) -> bytes:
     if e.reply is not None:
         rec["r"] = e.reply
     return json.dumps(rec, separators=(",", ":")).encode() + b"\n"
+
+
+@dataclass(frozen=True)
+class _LedgerCache:
+    dev: int
+    ino: int
+    offset: int  # bytes parsed (whole lines only)
+    head: bytes  # the first bytes of the file
+    tail: bytes  # the last bytes before offset, to notice a file rewritten in place
+    lines: int
+    ledger: dict[str, LedgerEntry]
+
+
+# Per process: what load() parsed last, by path (see ChannelState.load).
+_DESIRED_CACHE: dict[str, tuple[bytes, dict[str, DesiredSidecar]]] = {}
+_LEDGER_CACHE: dict[str, _LedgerCache] = {}
 
 
 @dataclass
@@ -135,28 +176,64 @@ class ChannelState:
             os.close(fd)  # releases the flock
 
     def load(self) -> None:
+        """Read the desired state and the ledger.
+
+        A long-lived broker (watch, a lingering sync) keeps what it parsed last time: desired.json is
+        reused while it is the same file (it is only ever replaced by rename), and of the append-only
+        ledger only the lines added since are parsed. Either cache holds exactly bytes read from disk.
+        """
+        path = os.path.join(self.path, "desired.json")
         try:
-            with open(os.path.join(self.path, "desired.json"), "rb") as f:
-                data = json.load(f)
-            self.desired = {d["name"]: DesiredSidecar.from_dict(d) for d in data.get("sidecars", [])}
+            with open(path, "rb") as f:
+                raw = f.read()
+            cached = _DESIRED_CACHE.get(path)
+            if cached is not None and cached[0] == raw:
+                self.desired = dict(cached[1])  # the very bytes parsed last time
+            else:
+                data = json.loads(raw)
+                self.desired = {d["name"]: DesiredSidecar.from_dict(d) for d in data.get("sidecars", [])}
+                _DESIRED_CACHE[path] = (raw, dict(self.desired))
         except FileNotFoundError:
             self.desired = {}
         self.ledger = {}
         self._ledger_lines = 0
         try:
             with open(self.ledger_path, "rb") as f:
-                for raw in f:
-                    self._ledger_lines += 1
-                    try:
-                        e = json.loads(raw)
-                        entry = LedgerEntry(e["id"], e["s"], e.get("d", ""), float(e.get("t", 0)), e.get("r"))
-                    except (ValueError, KeyError, TypeError):
-                        continue  # a torn last line after a crash: the claim it held is replayed
-                    if entry.state == "claimed" and entry.id in self.ledger:
-                        continue
-                    self.ledger[entry.id] = entry
+                self._load_ledger(f)
         except FileNotFoundError:
-            pass
+            _LEDGER_CACHE.pop(self.ledger_path, None)
+
+    def _load_ledger(self, f: Any) -> None:
+        st = os.fstat(f.fileno())
+        cached = _LEDGER_CACHE.get(self.ledger_path)
+        offset = 0
+        if cached is not None and (cached.dev, cached.ino) == (st.st_dev, st.st_ino) and st.st_size >= cached.offset:
+            # Still the same file (not a compacted one that got the inode number): its first bytes
+            # and the bytes just before where we stopped are unchanged.
+            tail_start = max(0, cached.offset - len(cached.tail))
+            if os.pread(f.fileno(), len(cached.head), 0) == cached.head and \
+                    os.pread(f.fileno(), cached.offset - tail_start, tail_start) == cached.tail:
+                self.ledger = dict(cached.ledger)
+                self._ledger_lines = cached.lines
+                offset = cached.offset
+        f.seek(offset)
+        for raw in f:
+            if not raw.endswith(b"\n"):
+                break  # a torn last line after a crash (the claim it held is replayed); read again later
+            offset += len(raw)
+            self._ledger_lines += 1
+            try:
+                e = json.loads(raw)
+                entry = LedgerEntry(e["id"], e["s"], e.get("d", ""), float(e.get("t", 0)), e.get("r"))
+            except (ValueError, KeyError, TypeError):
+                continue  # a line that is not a ledger entry
+            if entry.state == "claimed" and entry.id in self.ledger:
+                continue
+            self.ledger[entry.id] = entry
+        head = os.pread(f.fileno(), min(offset, 64), 0)
+        tail = os.pread(f.fileno(), min(offset, 64), max(0, offset - 64))
+        _LEDGER_CACHE[self.ledger_path] = _LedgerCache(st.st_dev, st.st_ino, offset, head, tail,
+                                                       self._ledger_lines, dict(self.ledger))
 
     def save_desired(self) -> None:
         data = {"v": 1, "sidecars": [

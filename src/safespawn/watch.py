@@ -164,7 +164,8 @@ def watch(engine: Engine, interval: float = 0.05, reconcile_interval: float | No
             for name in sorted(due):
                 if stop.is_set():
                     break
-                _sync(engine, name, stop)
+                # Between full passes, a request-driven sync trusts the verified processes.
+                _sync(engine, name, stop, full)
                 synced.add(name)
             if full:
                 next_full = time.monotonic() + every
@@ -220,9 +221,9 @@ def _place(notify: Inotify, inboxes: dict[str, str], wds: dict[int, str]) -> tup
     return unwatched, fresh
 
 
-def _sync(engine: Engine, name: str, stop: threading.Event) -> None:
+def _sync(engine: Engine, name: str, stop: threading.Event, full: bool = True) -> None:
     try:
-        r = engine.sync(name)
+        r = engine.sync(name, full=full)
         if r.handled or r.quarantined or r.replayed or r.respawned or r.removed:
             log.info("sync %s: handled %d, refused %d, quarantined %d, replayed %d, respawned %d, "
                      "removed %d", name, r.handled, r.refused, r.quarantined, r.replayed, r.respawned, r.removed)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import subprocess
 import time
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 from ..errors import RuntimeFailed
@@ -118,6 +120,7 @@ class PodmanRuntime:
                 labels=dict((r.get("Config") or {}).get("Labels") or {}),
                 exit_code=int(st.get("ExitCode") or 0),
                 restarts=int(r.get("RestartCount") or 0),
+                started=_unix_seconds(st.get("StartedAt")),
             )
         return result
 
@@ -150,3 +153,15 @@ class PodmanRuntime:
         except (OSError, subprocess.TimeoutExpired):
             return ""
         return (p.stdout + p.stderr).strip()
+
+
+_RFC3339 = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.\d+)?(Z|[+-]\d\d:\d\d)")
+
+
+def _unix_seconds(value: Any) -> int:
+    """inspect's `2026-12-01T20:30:35.953119113Z` as the whole unix seconds `ps` prints; 0 if not that."""
+    m = _RFC3339.fullmatch(str(value or ""))
+    if m is None:
+        return 0
+    tz = "+00:00" if m[2] == "Z" else m[2]
+    return int(datetime.fromisoformat(m[1] + tz).timestamp())
