@@ -47,7 +47,9 @@ class Request:
         d: dict[str, Any] = {"v": PROTOCOL_VERSION, "id": self.id, "op": self.op}
         if self.profile is not None:
             d["profile"] = self.profile
-        if self.op == "start" or self.profile is not None:
+        # A signal or stop by pid may name a netns too: it is written whenever it is set, so what
+        # the parser accepted round-trips unchanged.
+        if self.op == "start" or self.profile is not None or self.netns is not None:
             d["netns"] = self.netns
         if self.op == "start":
             d["argv"] = list(self.argv)

@@ -75,3 +75,11 @@ def test_signal_and_stop_need_a_target():
     assert (r.signal, r.pid) == ("TERM", 1234)
     with pytest.raises(BadRequest, match="pid"):
         parse_request(json.dumps({"v": 1, "id": RID, "op": "stop", "pid": 1}).encode())
+
+
+def test_a_stop_by_pid_that_names_a_netns_round_trips_unchanged() -> None:
+    """Found by the fuzzer: the netns of a pid-only stop was dropped by to_dict()."""
+    raw = json.dumps({"v": 1, "id": "a" * 32, "op": "stop", "netns": "0", "pid": 1234}).encode()
+    req = parse_request(raw)
+    assert req.netns == "0"
+    assert parse_request(json.dumps(req.to_dict()).encode()) == req
