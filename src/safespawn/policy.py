@@ -823,4 +823,16 @@ def confinement_warnings(config: Config, policy: Policy) -> list[str]:
             out.append(f"channel {ch.name}: sidecars run as host uid 0 (set agent_uid or sidecar_uid): a "
                        "compromised sidecar is root on every file its mounts reach; see docs/security.md, "
                        "\"Sidecar uids\"")
+    # Channels are kept apart on files only by their mounts: two channels that share a data dir (or
+    # one inside the other's) can each rewrite the files the other's sidecars read.
+    chans = sorted(config.channels.values(), key=lambda c: c.name)
+    for i, a in enumerate(chans):
+        for b in chans[i + 1:]:
+            for da in a.data_dirs:
+                for db in b.data_dirs:
+                    ra, rb = da.rstrip("/") + "/", db.rstrip("/") + "/"
+                    if ra.startswith(rb) or rb.startswith(ra):
+                        out.append(f"channels {a.name} and {b.name} share data dir {da} / {db}: each channel's "
+                                   "sidecars can rewrite what the other's read; give channels disjoint data dirs "
+                                   "(docs/security.md, \"What a sidecar can still do\")")
     return out

@@ -137,6 +137,22 @@ def test_check_config_warns_about_root_sidecars_and_pid_host(tmp_path, capsys):
     assert "channel b" not in err
 
 
+def test_check_config_warns_about_channels_that_share_a_data_dir(tmp_path, capsys):
+    from safespawn.cli import main
+
+    cfg = tmp_path / "safespawn.toml"
+    cfg.write_text('[channels.a]\nimage = "x"\nprofiles = ["dnsmasq"]\ndata_dirs = ["/var/lib/neutron"]\n'
+                   'agent_uid = 42435\nagent_gid = 42435\n'
+                   '[channels.b]\nimage = "x"\nprofiles = ["haproxy"]\ndata_dirs = ["/var/lib/neutron/ha"]\n'
+                   'agent_uid = 42435\nagent_gid = 42435\n'
+                   '[channels.c]\nimage = "x"\nprofiles = ["haproxy"]\ndata_dirs = ["/var/lib/neutron-c"]\n'
+                   'agent_uid = 42435\nagent_gid = 42435\n')
+    assert main(["--config", str(cfg), "check-config"]) == 0
+    err = capsys.readouterr().err
+    assert "channels a and b share data dir /var/lib/neutron / /var/lib/neutron/ha" in err
+    assert "channels a and c" not in err and "channels b and c" not in err  # a name prefix is not a dir prefix
+
+
 def load_profile_text(name):
     from importlib import resources
 
