@@ -8,7 +8,7 @@ The shapes recognised (the wrappers' own, see docs/operations.md):
 
 The name only nominates a container. What is adopted is read from the container itself: the
 program and its arguments from the command line of its running process (/proc/PID/cmdline, the
-container's command line from `podman inspect` when that is not readable), and the netns from the
+container's command line from `podman/docker inspect` when that is not readable), and the netns from the
 inode of /proc/PID/ns/net compared with every /run/netns entry. A container whose real netns is not
 the one its name says, or that is in no named netns, is refused.
 
@@ -66,7 +66,7 @@ STOP_GRACE = 5
 
 @dataclass(frozen=True)
 class Legacy:
-    """One legacy sidecar container, as read from podman and /proc."""
+    """One legacy sidecar container, as read from the runtime (podman or docker) and /proc."""
 
     name: str
     id: str
@@ -100,15 +100,62 @@ class Network:
 
 # -- reading the legacy containers --------------------------------------------------------------------
 
-def _podman(podman: str, args: list[str], timeout: float = 60, check: bool = True) -> str:
-    try:
-        p = subprocess.run([podman, *args], capture_output=True, text=True, timeout=timeout, check=False,
-                           stdin=subprocess.DEVNULL)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise RuntimeFailed(f"podman {args[0]}: {e}") from None
-    if check and p.returncode != 0:
-        raise RuntimeFailed(f"podman {args[0]} failed (rc {p.returncode}): {p.stderr.strip()[-300:]}")
-    return p.stdout
+class Cli:
+    """The configured runtime's CLI (podman or docker, with DOCKER_HOST from the config), as adopt uses it.
+
+    One code path for both: only the commands and flags the two CLIs share are used, and their JSON
+    differences are handled in `rows` (docker ps has no JSON list, so ids + one inspect, as
+    runtime/docker.py lists; docker prints "/name", podman "name").
+    """
+
+    def __init__(self, argv0: str, env: dict[str, str] | None = None, timeout: float = 60) -> None:
+        self.argv0, self.env, self.timeout = argv0, env, timeout
+        self.kind = "docker" if env is not None else "podman"
+
+    @classmethod
+    def from_config(cls, config: Config) -> Cli:
+        b = config.broker
+        if b.runtime == "docker":
+            env = dict(os.environ)
+            if b.docker_host:
+                env["DOCKER_HOST"] = b.docker_host
+            return cls(b.docker, env, b.podman_timeout)
+        return cls(b.podman, None, b.podman_timeout)
+
+    def call(self, args: list[str], timeout: float | None = None,
+             check: bool = True) -> subprocess.CompletedProcess[str]:
+        try:
+            p = subprocess.run([self.argv0, *args], capture_output=True, text=True, timeout=timeout or self.timeout,
+                               check=False, stdin=subprocess.DEVNULL, env=self.env)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise RuntimeFailed(f"{self.kind} {args[0]}: {e}") from None
+        if check and p.returncode != 0:
+            raise RuntimeFailed(f"{self.kind} {args[0]} failed (rc {p.returncode}): {p.stderr.strip()[-300:]}")
+        return p
+
+    def rows(self) -> list[dict[str, Any]]:
+        """`container inspect` of every container, with Name without docker's leading "/"."""
+        ids = self.call(["ps", "--all", "--quiet", "--no-trunc"]).stdout.split()
+        if not ids:
+            return []
+        # Both print a JSON array by default; a container removed in between is just not listed.
+        out = self.call(["container", "inspect", "--", *ids], check=False).stdout
+        try:
+            rows = json.loads(out or "[]")
+        except ValueError as e:
+            raise RuntimeFailed(f"{self.kind} inspect printed invalid JSON: {e}") from None
+        if not isinstance(rows, list):
+            raise RuntimeFailed(f"{self.kind} inspect printed no list")
+        return [{**r, "Name": str(r.get("Name", "")).lstrip("/")} for r in rows if isinstance(r, dict)]
+
+    def stop(self, name: str, grace: int) -> None:
+        self.call(["stop", f"--time={grace}", "--", name], timeout=grace + self.timeout, check=False)
+
+    def remove(self, name: str) -> None:
+        self.call(["rm", "--force", "--", name], check=False)
+
+    def start(self, name: str) -> bool:
+        return self.call(["start", "--", name], check=False).returncode == 0
 
 
 def named_netns_by_inode(netns_dir: str) -> dict[tuple[int, int], str]:
@@ -150,21 +197,13 @@ def _proc_netns(pid: int, by_inode: dict[tuple[int, int], str]) -> str | None:
     return by_inode.get((st.st_dev, st.st_ino))
 
 
-def discover(podman: str, netns_dir: str, flavor: str = "auto") -> list[Legacy]:
+def discover(cli: Cli, netns_dir: str, flavor: str = "auto") -> list[Legacy]:
     """Every container whose name has a legacy wrapper's shape, read from the container itself."""
-    rows = json.loads(_podman(podman, ["ps", "--all", "--no-trunc", "--format=json"]) or "[]")
-    names = []
-    for r in rows:
-        for n in r.get("Names") or []:
-            if _match(n, flavor) is not None:
-                names.append(n)
-    if not names:
-        return []
-    info = json.loads(_podman(podman, ["container", "inspect", "--format=json", "--", *names], check=False) or "[]")
+    info = [r for r in cli.rows() if _match(r["Name"], flavor) is not None]
     by_inode = named_netns_by_inode(netns_dir)
     found = []
     for r in info:
-        name = str(r.get("Name", "")).lstrip("/")
+        name = r["Name"]
         m = _match(name, flavor)
         if m is None:
             continue
@@ -322,14 +361,14 @@ class Adoption:
     networks: list[Network] = field(default_factory=list)
 
     @property
-    def podman(self) -> str:
-        return self.config.broker.podman
+    def cli(self) -> Cli:
+        return Cli.from_config(self.config)
 
     def run(self, dry_run: bool = False) -> list[Network]:
         b = self.config.broker
         journal = Journal(str(b.state_dir), self.channel.name)
         journal.load()
-        legacy = discover(self.podman, str(b.netns_dir), self.flavor)
+        legacy = discover(self.cli, str(b.netns_dir), self.flavor)
         fresh = {f"{n.profile}/{n.netns}": n for n in plan(self.config, self.engine.policy, self.channel, legacy)}
         # Networks a killed run left half switched come first, with the request it journaled.
         order: list[Network] = []
@@ -359,24 +398,22 @@ class Adoption:
     def _switch(self, n: Network, journal: Journal) -> None:
         n.state, n.error = "switching", ""
         journal.save()  # before anything is stopped: a re-run knows what to finish
+        cli = self.cli
         t0 = time.monotonic()
         for name in n.legacy:
-            _podman(self.podman, ["stop", f"--time={STOP_GRACE}", "--ignore", "--", name],
-                    timeout=STOP_GRACE + 60, check=False)
+            cli.stop(name, STOP_GRACE)
         reply = self._start_confined(n)
         if reply.get("ok"):
             n.outage = round(time.monotonic() - t0, 3)
             n.sidecar, n.pid = str(reply.get("sidecar")), reply.get("pid")
             for name in n.legacy:
-                _podman(self.podman, ["rm", "--force", "--ignore", "--time=0", "--", name], check=False)
+                cli.remove(name)
             n.state = "done"
         else:
             n.error = client.describe_error(reply)
             restarted = []
             for name in n.legacy:
-                p = subprocess.run([self.podman, "start", "--", name], capture_output=True, text=True,
-                                   timeout=60, check=False, stdin=subprocess.DEVNULL)
-                if p.returncode == 0:
+                if cli.start(name):
                     restarted.append(name)
             n.error += f"; legacy restarted: {', '.join(restarted) or 'none (removed with --rm)'}"
             n.state = "failed"

@@ -94,3 +94,48 @@ def test_a_symlinked_inbox_folder_never_makes_root_write_elsewhere(tmp_path, swa
     with pytest.raises(OSError):
         write_request(str(ch), {"v": 1, "id": "b" * 32, "op": "start"})
     assert [p for p in victim.rglob("*") if p.is_file()] == []
+
+
+FAKE_CLI = """#!{python}
+import json, os, sys
+with open({log!r}, "a") as f:
+    f.write(json.dumps([sys.argv[1:], os.environ.get("DOCKER_HOST")]) + "\\n")
+if sys.argv[1] == "ps":
+    print("{cid}")
+elif sys.argv[1:3] == ["container", "inspect"]:
+    print(json.dumps([{{"Id": "{cid}", "Name": "/neutron_dhcp_agent_dnsmasq_{ns}", "Path": "dnsmasq",
+                       "Args": ["-k", "--port=0"], "State": {{"Status": "exited", "Pid": 0}},
+                       "Created": "2026-12-01T19:21:21.273282123Z", "Config": {{"Labels": {{}}}},
+                       "HostConfig": {{"AutoRemove": True}}}}]))
+"""
+
+
+@pytest.mark.parametrize("runtime", ["podman", "docker"])
+def test_adopt_reads_and_stops_legacy_containers_through_the_configured_runtimes_cli(runtime, tmp_path):
+    import json
+    import sys
+
+    from safespawn.adopt import Cli, discover
+    from safespawn.config import parse_config
+
+    log, cid = tmp_path / "calls", "c" * 64
+    cli_path = tmp_path / runtime
+    cli_path.write_text(FAKE_CLI.format(python=sys.executable, log=str(log), cid=cid, ns=NS))
+    cli_path.chmod(0o755)
+    broker = {"podman": str(cli_path)} if runtime == "podman" else {
+        "runtime": "docker", "docker": str(cli_path), "docker_host": "unix:///run/other/docker.sock"}
+    cli = Cli.from_config(parse_config({"broker": broker}))
+    [lg] = discover(cli, str(tmp_path), "kolla")
+    # docker's "/name" and podman's "name" are the same container name.
+    assert (lg.name, lg.id, lg.proc, lg.name_netns) == (f"neutron_dhcp_agent_dnsmasq_{NS}", cid, "dnsmasq", NS)
+    assert lg.cmdline == ("dnsmasq", "-k", "--port=0") and lg.auto_remove and not lg.running
+    cli.stop(lg.name, 5)
+    cli.remove(lg.name)
+    assert cli.start(lg.name)
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [c[0] for c in calls] == [
+        ["ps", "--all", "--quiet", "--no-trunc"], ["container", "inspect", "--", cid],
+        ["stop", "--time=5", "--", lg.name], ["rm", "--force", "--", lg.name], ["start", "--", lg.name]]
+    # DOCKER_HOST from the config reaches every docker call; podman's environment is left as it is.
+    want = "unix:///run/other/docker.sock" if runtime == "docker" else os.environ.get("DOCKER_HOST")
+    assert {c[1] for c in calls} == {want}
