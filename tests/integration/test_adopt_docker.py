@@ -98,6 +98,8 @@ def _adopt_one_refuse_one(b, dockerd, image, label, ok, bad):
     assert insp["HostConfig"]["Runtime"] == "safespawn" and not insp["HostConfig"]["Privileged"]
     got = os.stat(f"/proc/{side['Pid']}/ns/net")
     assert (got.st_dev, got.st_ino) == (want.st_dev, want.st_ino)
+    # The pid file Neutron reads names the confined sidecar's host pid, as after an agent's own start.
+    assert int((b.data_dir / ok.server_ns / "pid").read_text().split()[0]) == side["Pid"]
     # The legacy container is gone (stopped, --rm removed it); the refused one runs untouched.
     assert state(dockerd, names[ok.server_ns]) is None
     assert state(dockerd, names[bad.server_ns]) == before[names[bad.server_ns]]
