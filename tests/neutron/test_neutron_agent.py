@@ -14,6 +14,7 @@ import http.server
 import json
 import os
 import queue
+import signal
 import socketserver
 import subprocess
 import threading
@@ -412,6 +413,13 @@ def test_radvd_router_advertisements_through_neutrons_ra_daemon_monitor(neutron)
 
 # -- pid files across restarts ---------------------------------------------------------------------
 
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text()
+    except OSError:
+        return ""
+
 # How soon after a sidecar restarts a fresh ProcessManager sees it active again: the broker's next
 # full sync (reconcile_interval, 2 s here) rewrites the pid file, plus podman's restart itself.
 RESTART_BOUND = 2 + 3.0
@@ -459,8 +467,22 @@ def test_a_restarted_sidecar_is_seen_active_again_and_a_healthy_one_is_never_res
         # 3. Neutron's ProcessMonitor looks in the window between a crash and the broker's next sync:
         #    it sees the old pid dead and calls the program again, once; that start (the same spec)
         #    makes the pid file true at once, and the next pass finds nothing to do: no respawn loop.
-        os.kill(after_respawn["pid"], 9)
-        assert agent("monitor_check")["respawned"] == [f"{net_id}/dnsmasq"]
+        #    The broker's own checks (watch's quick syncs) are quicker than Neutron's monitor, so the
+        #    broker is held (SIGSTOP) while the sidecar dies and Neutron looks, and let go (SIGCONT)
+        #    while the program call Neutron makes waits for its reply: the window is there for certain.
+        watch = broker._watch
+        assert watch is not None
+        os.kill(watch.pid, signal.SIGSTOP)
+        resume = threading.Timer(2.0, os.kill, (watch.pid, signal.SIGCONT))
+        try:
+            os.kill(after_respawn["pid"], 9)
+            netlab.wait_for(lambda: not _cmdline(after_respawn["pid"]), timeout=10, message="dnsmasq gone")
+            resume.start()
+            respawned = agent("monitor_check")["respawned"]
+        finally:
+            resume.cancel()
+            os.kill(watch.pid, signal.SIGCONT)
+        assert respawned == [f"{net_id}/dnsmasq"]
         now = agent("pm_state", **pm)
         assert now["active"] and now["pid"] != after_respawn["pid"]
         assert agent("monitor_check") == {"ok": True, "respawned": []}
