@@ -58,7 +58,7 @@ from .policy import (
 from .readiness import written_since
 from .request import Reply, Request, parse_request
 from .runtime import Container, Runtime, make_runtime
-from .sidecar import LABEL_CHANNEL, LABEL_KEY, LABEL_NETNS, LABEL_PROFILE, LABEL_SPEC, SidecarSpec
+from .sidecar import LABEL_CHANNEL, LABEL_KEY, LABEL_NETNS, LABEL_PROFILE, LABEL_SPEC, SidecarSpec, sidecar_key
 from .state import ChannelState, Claim, DesiredSidecar, Done
 
 log = logging.getLogger(__name__)
@@ -202,7 +202,7 @@ class _Sync:
             if ident is not None and d.spec_hash and self.alive(ident):
                 out[d.name] = Container(d.container_id, d.name, "running", d.pid, started=d.started_at, labels={
                     LABEL_CHANNEL: self.channel.name, LABEL_PROFILE: d.profile,
-                    LABEL_KEY: d.name[len(self.channel.name) + len(d.profile) + 2:], LABEL_NETNS: d.netns or "",
+                    LABEL_KEY: sidecar_key(d.name, self.channel.name, d.profile), LABEL_NETNS: d.netns or "",
                     LABEL_SPEC: d.spec_hash})
         return out
 
@@ -730,7 +730,7 @@ def status_of(name: str, state: ChannelState, containers: dict[str, Container], 
         running = c is not None and c.running
         sidecars.append({
             "name": d.name, "profile": d.profile, "netns": d.netns,
-            "key": d.name[len(name) + len(d.profile) + 2:],
+            "key": sidecar_key(d.name, name, d.profile),
             "state": c.state if c else "absent", "pid": c.pid if c and running else None,
             "started": int(d.since), "restarts": d.failures, "outdated": d.name in outdated,
             # Changes whenever the running process is replaced (a new container, a runtime
@@ -738,7 +738,8 @@ def status_of(name: str, state: ChannelState, containers: dict[str, Container], 
             "generation": f"{c.id[:12]}-{c.started}-{c.pid}" if c and running else None,
             "process_started": c.started if c and running else None,
         })
-    st = {"v": 1, "channel": name, "updated": int(time.time()), "published": round(time.time(), 3),
+    now = time.time()
+    st = {"v": 1, "channel": name, "updated": int(now), "published": round(now, 3),
           "refresh": int(refresh), "sidecars": sidecars}
     if progress is not None:
         st["rollout"] = progress

@@ -32,7 +32,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -223,26 +223,26 @@ def render(channels: Iterable[tuple[str, ChannelMetrics]]) -> str:
         for key, n in sorted(m.sidecars.items()):
             profile, _, st = key.partition("|")
             out.append(f"safespawn_sidecars{_labels(channel=ch, profile=profile, state=st)} {n}")
-    family("safespawn_sidecars_outdated", "gauge",
-           "Sidecars whose container runs an older spec than the config gives (rollout pending or stopped).")
-    for ch, m in chans:
-        out.append(f"safespawn_sidecars_outdated{_labels(channel=ch)} {m.outdated}")
-    family("safespawn_respawns_total", "counter", "Sidecars that died and were started again by reconcile.")
-    for ch, m in chans:
-        out.append(f"safespawn_respawns_total{_labels(channel=ch)} {m.respawns}")
-    family("safespawn_respawn_failures_total", "counter", "Respawns the runtime failed to start.")
-    for ch, m in chans:
-        out.append(f"safespawn_respawn_failures_total{_labels(channel=ch)} {m.respawn_failures}")
-    family("safespawn_pending_requests", "gauge", "Inbox entries still waiting after the last sync.")
-    for ch, m in chans:
-        out.append(f"safespawn_pending_requests{_labels(channel=ch)} {m.pending}")
+    def per_channel(name: str, kind: str, help_: str, value: Callable[[ChannelMetrics], object]) -> None:
+        family(name, kind, help_)
+        for ch, m in chans:
+            out.append(f"{name}{_labels(channel=ch)} {value(m)}")
+
+    per_channel("safespawn_sidecars_outdated", "gauge",
+                "Sidecars whose container runs an older spec than the config gives (rollout pending or stopped).",
+                lambda m: m.outdated)
+    per_channel("safespawn_respawns_total", "counter", "Sidecars that died and were started again by reconcile.",
+                lambda m: m.respawns)
+    per_channel("safespawn_respawn_failures_total", "counter", "Respawns the runtime failed to start.",
+                lambda m: m.respawn_failures)
+    per_channel("safespawn_pending_requests", "gauge", "Inbox entries still waiting after the last sync.",
+                lambda m: m.pending)
     family("safespawn_syncs_total", "counter", "Syncs of a channel by result.")
     for ch, m in chans:
         out.append(f"safespawn_syncs_total{_labels(channel=ch, result='ok')} {m.syncs_ok}")
         out.append(f"safespawn_syncs_total{_labels(channel=ch, result='failed')} {m.syncs_failed}")
-    family("safespawn_last_success_timestamp_seconds", "gauge", "Unix time of the last successful sync.")
-    for ch, m in chans:
-        out.append(f"safespawn_last_success_timestamp_seconds{_labels(channel=ch)} {_num(m.last_success)}")
+    per_channel("safespawn_last_success_timestamp_seconds", "gauge", "Unix time of the last successful sync.",
+                lambda m: _num(m.last_success))
     return "\n".join(out) + "\n"
 
 

@@ -22,6 +22,11 @@ def sidecar_name(channel: str, profile: str, key: str) -> str:
     return f"{channel}-{profile}-{key}"
 
 
+def sidecar_key(name: str, channel: str, profile: str) -> str:
+    """The key of a sidecar named by `sidecar_name(channel, profile, key)`."""
+    return name[len(channel) + len(profile) + 2:]
+
+
 @dataclass(frozen=True)
 class SidecarSpec:
     """Everything the runtime needs to run one sidecar; built by the policy, never by a request."""
