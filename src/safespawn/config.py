@@ -86,6 +86,9 @@ class BrokerConfig:
     start_settle_ms: int = 200
     # A Prometheus textfile written after each sync (safespawn.metrics); None: no metrics.
     metrics_file: Path | None = None
+    # How long the installed sync service waits after serving for the next request, serving it in
+    # the same process (`safespawn sync --quick --linger`); 0: it exits at once. At most 30.
+    sync_linger: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -217,7 +220,10 @@ def parse_config(data: dict[str, Any], path: Path | None = None) -> Config:
         podman_timeout=positive("podman_timeout", d.podman_timeout),
         start_settle_ms=_take(b, "start_settle_ms", int, where, d.start_settle_ms),
         metrics_file=_metrics_file(_take(b, "metrics_file", str, where, None)),
+        sync_linger=float(_take(b, "sync_linger", (int, float), where, d.sync_linger)),
     )
+    if not 0 <= broker.sync_linger <= 30:
+        raise ConfigError("broker.sync_linger: seconds, from 0 to 30")
     if broker.runtime not in RUNTIMES:
         raise ConfigError(f"broker.runtime: {broker.runtime[:40]!r} is not one of {', '.join(RUNTIMES)}")
     if broker.docker_host and not DOCKER_HOST_RE.fullmatch(broker.docker_host):

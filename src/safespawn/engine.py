@@ -33,7 +33,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -133,6 +133,9 @@ class Acted:
     started: bool = False  # a container was (re)created for this start
     ran_at: float = 0.0  # wall clock just before `run` (a fresh pid file is newer), and after it
     run_done: float = 0.0
+    run_done_boot: float = 0.0  # the same moment on CLOCK_BOOTTIME (/proc's start times count in it)
+    container_id: str = ""  # what `run` returned, and the host pid the runtime wrote (0: unknown)
+    pid: int = 0
 
 
 @dataclass(frozen=True)
@@ -293,43 +296,22 @@ def decide(policy: Policy, s: _Sync, incoming: list[Incoming], containers: dict[
 
 
 class Actor:
-    """Carries the decisions out through the runtime."""
+    """Carries one decision out through the runtime (the pipeline runs several at once, one per sidecar)."""
 
-    def __init__(self, runtime: Runtime, workers: int) -> None:
+    def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
-        self.workers = workers
 
-    def act(self, s: _Sync, planned: list[Planned], containers: dict[str, Container]) -> list[Acted]:
-        """Carry the decisions out: in order per sidecar, in parallel across sidecars."""
-        acted: dict[int, Acted] = {}
-        groups: dict[str, list[tuple[int, Planned, Decision]]] = defaultdict(list)
-        for n, p in enumerate(planned):
-            if p.decision is None:
-                acted[n] = Acted(p.incoming, None, p.refusal)
-            else:
-                groups[p.decision.target].append((n, p, p.decision))
-
-        def run_group(group: list[tuple[int, Planned, Decision]]) -> None:
-            for n, p, d in group:
-                try:
-                    acted[n] = self._one(s, p.incoming, d, containers)
-                except SafespawnError as e:
-                    if isinstance(e, RuntimeFailed):
-                        s.snapshot.invalidate()  # what the failed call left behind is unknown
-                    acted[n] = Acted(p.incoming, d, Reply.failure(p.incoming.request.id, e.code, e.message))
-
-        fast = all(isinstance(d, Signal) and s.state.desired.get(d.target) is not None
-                   and s.state.desired[d.target].identity is not None for g in groups.values() for _, _, d in g)
-        if len(groups) == 1 or fast:
-            # One sidecar, or only pidfd signals (microseconds each): a thread pool costs more.
-            for g in groups.values():
-                run_group(g)
-        elif groups:
-            workers = max(1, min(self.workers, len(groups)))
-            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="safespawn-act") as pool:
-                for f in [pool.submit(run_group, g) for g in groups.values()]:
-                    f.result()
-        return [acted[n] for n in range(len(planned))]
+    def act(self, s: _Sync, p: Planned, containers: dict[str, Container]) -> Acted:
+        """The decision's effect, or the runtime's failure as the reply."""
+        d = p.decision
+        if d is None:
+            return Acted(p.incoming, None, p.refusal)
+        try:
+            return self._one(s, p.incoming, d, containers)
+        except SafespawnError as e:
+            if isinstance(e, RuntimeFailed):
+                s.snapshot.invalidate()  # what the failed call left behind is unknown
+            return Acted(p.incoming, d, Reply.failure(p.incoming.request.id, e.code, e.message))
 
     def _one(self, s: _Sync, i: Incoming, d: Decision, containers: dict[str, Container]) -> Acted:
         name = d.target
@@ -337,14 +319,26 @@ class Actor:
         rid = i.request.id
         if isinstance(d, Start):
             if c is not None and c.spec_hash == d.spec.spec_hash and (c.running or c.id == STARTED_IN_BATCH):
-                return Acted(i, d, None)  # the same sidecar already runs: nothing to do
+                # The same sidecar already runs: nothing to do. Its recorded process, still alive,
+                # answers at once; anything else is inspected (Verifier).
+                rec = s.state.desired.get(name)
+                ident = rec.identity if rec is not None else None
+                if ident is not None and ident.pid == c.pid and ident.container_id == c.id \
+                        and pidsignal.is_alive(ident):
+                    return Acted(i, d, Reply(rid, True, name, c.pid))
+                return Acted(i, d, None)
             if c is not None:
                 self.runtime.remove(name)  # different spec, or exited/created: replace it
             ran_at = time.time()
-            self.runtime.run(d.spec)
-            # Later requests of this batch for the same sidecar see what was just started.
+            cid = self._run(s, d.spec)
+            run_done, run_done_boot = time.time(), time.clock_gettime(time.CLOCK_BOOTTIME)
+            if cid is None:
+                return Acted(i, d, None)  # it was running already: the Verifier inspects it
+            # Later requests for the same sidecar see what was just started.
             containers[name] = Container(STARTED_IN_BATCH, name, "created", 0, d.spec.labels)
-            return Acted(i, d, None, started=True, ran_at=ran_at, run_done=time.time())
+            return Acted(i, d, None, started=True, ran_at=ran_at, run_done=run_done,
+                         run_done_boot=run_done_boot, container_id=cid,
+                         pid=self.runtime.run_pid(name))
         pid = c.pid if c else None
         if isinstance(d, Signal):
             self._deliver(s, name, d.signal)
@@ -355,6 +349,24 @@ class Actor:
             self.runtime.remove(name)
             containers.pop(name, None)
         return Acted(i, d, Reply(rid, True, name, pid))
+
+    def _run(self, s: _Sync, spec: SidecarSpec) -> str | None:
+        """`run`. Starts are decided without a listing, so a container may already exist under the
+        name (a leftover, or one the state lost): the same sidecar running -> None (nothing was
+        started); anything else of this channel is replaced. A container of the name that is not
+        this channel's is never touched."""
+        try:
+            return self.runtime.run(spec)
+        except RuntimeFailed as e:
+            if "already in use" not in e.message:
+                raise
+            there = self.runtime.inspect([spec.name]).get(spec.name)
+            if there is not None and there.labels.get(LABEL_CHANNEL) != s.channel.name:
+                raise
+            if there is not None and there.running and there.spec_hash == spec.spec_hash:
+                return None
+            self.runtime.remove(spec.name)
+            return self.runtime.run(spec)
 
     def _deliver(self, s: _Sync, name: str, signal: str) -> None:
         """Through a pidfd to the recorded process when it verifies (pidsignal.send checks it with the
@@ -374,57 +386,81 @@ class Actor:
 
 
 class Verifier:
-    """After the starts: did each sidecar come up, and where (the policy's post-start check)?"""
+    """After a start: did the sidecar come up, and where (the policy's post-start check)?
+
+    When the runtime wrote the new container's host pid (podman's `--pidfile`), the check needs no
+    runtime call: the process must be alive in that container (pidsignal.identify: start time and
+    cgroup), be the one `run` started (it started before `run` returned: a process the restart
+    policy started after a crash is newer), and be outside the host's netns. Anything else (no pid,
+    the process gone or newer, docker) is decided by one `inspect`, as before.
+    """
 
     def __init__(self, runtime: Runtime, policy: Policy, settle_ms: int) -> None:
         self.runtime = runtime
         self.policy = policy
         self.settle_ms = settle_ms
 
-    def verify(self, acted: list[Acted], containers: dict[str, Container]) -> list[Outcome]:
-        """One inspect after all starts: the reply carries the host pid, or why it did not run."""
-        starts = [a for a in acted if a.reply is None]
-        now: dict[str, Container] = {}
-        if starts:
-            self._await_start_up([a for a in starts if a.started])
-            now = self.runtime.inspect(sorted({a.decision.target for a in starts if a.decision is not None}))
-        outcomes = []
-        for a in acted:
-            if a.reply is not None:
-                outcomes.append(Outcome(a.incoming, a.decision, a.reply, a.started))
-                continue
-            assert isinstance(a.decision, Start)  # only a start waits for its reply
-            reply = self._start(a.incoming.request.id, a.decision.spec, a.started, now.get(a.decision.target))
-            if reply.ok:
-                containers[a.decision.target] = now[a.decision.target]
-            else:
-                containers.pop(a.decision.target, None)
-            outcomes.append(Outcome(a.incoming, a.decision, reply, a.started))
-        return outcomes
+    def check(self, a: Acted, containers: dict[str, Container]) -> Outcome:
+        """The final reply for an acted decision; a start's carries the host pid, or why it did not run."""
+        if a.reply is not None:
+            return Outcome(a.incoming, a.decision, a.reply, a.started)
+        assert isinstance(a.decision, Start)  # only a start waits for its reply
+        name = a.decision.target
+        c = self._through_proc(a) if a.started else None
+        if c is None:
+            if a.started:
+                self._await_start_up(a, None)
+            c = self.runtime.inspect([name]).get(name)
+            if c is not None and a.started and a.pid > 0 and c.pid != a.pid:
+                # Not the process `run` started: the restart policy's successor (its restart count
+                # may not show yet), so it died once.
+                c = replace(c, restarts=max(1, c.restarts))
+        reply = self._start(a.incoming.request.id, a.decision.spec, a.started, c)
+        if reply.ok and c is not None:
+            containers[name] = c
+        else:
+            containers.pop(name, None)
+        return Outcome(a.incoming, a.decision, reply, a.started)
 
-    def _await_start_up(self, started: list[Acted]) -> None:
-        """Give each new program the time to die if it is going to die at once.
+    def _through_proc(self, a: Acted) -> Container | None:
+        """The started container as /proc shows it, or None when only the runtime can tell."""
+        assert isinstance(a.decision, Start)
+        spec = a.decision.spec
+        if a.pid <= 0 or not a.container_id:
+            return None
+        self._await_start_up(a, a.pid)
+        ident = pidsignal.identify(a.pid, a.container_id)
+        if ident is None:
+            return None  # gone (it died at once), or not that container's: inspect says what happened
+        if pidsignal.started_boottime(ident) > a.run_done_boot:
+            return None  # started after `run` returned: the restart policy's successor, it died once
+        return Container(a.container_id, spec.name, "running", a.pid, dict(spec.labels),
+                         started=int(pidsignal.started_unix(ident)))
 
-        A program whose profile names a `ready_pid_file` is past its start-up once that file is
-        newer than its `run` (polled, at most start_settle_ms); any other program gets the fixed
-        settle, counted from when its own `run` returned. The inspect that follows reports a
-        program that died (or that the runtime restarted) as failed either way.
+    def _await_start_up(self, a: Acted, pid: int | None) -> None:
+        """Give a new program the time to die if it is going to die at once.
+
+        A program whose profile names a `ready_pid_file` is past its start-up once that file (in its
+        private /run, seen through /proc/PID/root, lstat'ed only) is newer than its `run`; any other
+        program gets the fixed settle, counted from when its `run` returned. Either wait ends early
+        when the process is gone. The check that follows reports a program that died (or that the
+        runtime restarted) as failed either way.
         """
-        settle = max(0, self.settle_ms) / 1000
-        waiting: dict[int, tuple[float, float, str | None]] = {}
-        for n, a in enumerate(started):
-            assert isinstance(a.decision, Start)
-            spec = a.decision.spec
-            profile = self.policy.profiles.get(spec.profile)
-            path = profile.pid_file(spec.args) if profile is not None else None
-            waiting[n] = (a.run_done + settle, a.ran_at, path)
-        while waiting:
+        assert isinstance(a.decision, Start)
+        spec = a.decision.spec
+        deadline = a.run_done + max(0, self.settle_ms) / 1000
+        ready = None
+        profile = self.policy.profiles.get(spec.profile)
+        private = profile.pid_file(spec.args) if profile is not None and pid else None
+        if private is not None and private.startswith("/run/") and ".." not in private:
+            ready = f"/proc/{pid}/root{private}"
+        while True:
             now = time.time()
-            for n, (deadline, ran_at, path) in list(waiting.items()):
-                if now >= deadline or (path is not None and written_since(path, ran_at)):
-                    del waiting[n]
-            if waiting:
-                time.sleep(min(0.01, max(0.0, min(w[0] for w in waiting.values()) - now)))
+            if now >= deadline or (ready is not None and written_since(ready, a.ran_at)):
+                return
+            if pid and pidsignal.start_ticks(pid) is None:
+                return  # it died: no need to wait for the rest of the settle
+            time.sleep(min(0.005 if ready else 0.01, deadline - now))
 
     def _start(self, rid: str, spec: SidecarSpec, started: bool, c: Container | None) -> Reply:
         # A restart by podman's own restart policy already means it died once: report it, since it
@@ -757,7 +793,8 @@ class Engine:
         self.runtime: Runtime = runtime or make_runtime(b)
         self.policy = policy or Policy(config)
         self.clock = clock
-        self.actor = Actor(self.runtime, b.parallel_starts)
+        self.actor = Actor(self.runtime)
+        self.workers = max(1, b.parallel_starts)
         self.verifier = Verifier(self.runtime, self.policy, b.start_settle_ms)
         # The host writes the pid files Neutron reads, with host pids (docs/neutron.md, "Pid files").
         self.pid_files = PidFileKeeper()
@@ -784,8 +821,8 @@ class Engine:
                     for what, where in chan.repaired:
                         s.audit.record("quarantine", None, f"{what} was not a plain directory: moved aside and "
                                        "laid out again", code="bad_request", file=where)
-                    self._drain(s, chan)
-                    self.reconciler.reconcile(s, serve=lambda: self._drain(s, chan))
+                    _Pipeline(self, s, chan).run()
+                    self.reconciler.reconcile(s, serve=lambda: _Pipeline(self, s, chan).run())
                     vouched = s.vouched() if not s.snapshot.fetched else {}
                     if not s.snapshot.fetched and len(vouched) == len(state.desired):
                         containers = vouched  # every sidecar verified as recorded: no listing needed
@@ -828,12 +865,15 @@ class Engine:
 
     def _decide_without_listing(self, s: _Sync, incoming: list[Incoming]) -> list[Planned] | None:
         """The gate's decisions against what the desired state vouches for (recorded processes that
-        still verify), if that is enough: every request is a signal or stop of such a sidecar. None
-        when the runtime's listing is needed: a start (it compares against whatever exists under the
-        name, leftovers included), a pid or name the record does not vouch for, a request claimed
-        before a crash."""
+        still verify), if that is enough. None when the runtime's listing is needed: a request
+        claimed before a crash (what it did is only known to the runtime), a signal or stop of a
+        pid or name the record does not vouch for.
+
+        A start needs no listing: the quota counts desired sidecars, the same sidecar running as
+        recorded is answered from its record, and a leftover under the name of one that is not
+        desired is found by `run` itself (Actor._run)."""
         if any(i.interrupted for i in incoming):
-            return None  # claimed before a crash: what it did is only known to the runtime
+            return None
         vouched = s.vouched()
         planned = decide(self.policy, s, incoming, vouched)
         for p in planned:
@@ -843,27 +883,9 @@ class Engine:
                         p.refusal.error.code == ErrorCode.NOT_FOUND.value:
                     return None  # maybe one the record does not vouch for: ask the runtime
                 continue
-            if isinstance(d, Start) or d.target not in vouched:
-                return None
+            if d.target not in vouched and (not isinstance(d, Start) or d.target in s.state.desired):
+                return None  # a desired sidecar the record does not vouch for: does it still run?
         return planned
-
-    # -- drain ---------------------------------------------------------------------------------
-
-    def _drain(self, s: _Sync, chan: ChannelDir) -> None:
-        budget = s.channel.max_requests_per_run
-        first = True
-        while budget > 0:
-            entries, waiting = chan.pending(min(BATCH, budget))
-            if not entries:
-                return
-            if first and waiting > s.channel.max_pending:
-                self._refuse_excess(s, chan, waiting)
-                entries, waiting = chan.pending(min(BATCH, budget))
-            first = False
-            self._batch(s, chan, entries)
-            budget -= len(entries)
-        _, waiting = chan.pending(0)
-        s.result.deferred = waiting  # left for the next run, which the path unit / watch starts at once
 
     def _refuse_excess(self, s: _Sync, chan: ChannelDir, waiting: int) -> None:
         """A flood: refuse the newest requests beyond max_pending with `quota`, cheaply."""
@@ -884,41 +906,209 @@ class Engine:
         s.result.refused += len(excess)
         s.result.outcomes.extend(metrics.Outcome("unknown", "refused", "quota") for _ in excess)
 
-    def _batch(self, s: _Sync, chan: ChannelDir, entries: list[Entry]) -> None:
-        """intake -> claim -> decide -> act -> verify -> desired state -> publish."""
-        taken = intake(s, chan, entries)
+    def _complete(self, s: _Sync, chan: ChannelDir, done: list[tuple[list[Outcome], dict[str, Container]]]) -> None:
+        """Desired state (durable), then the replies (publish): for the jobs that finished together."""
+        before = dict(s.state.desired)
+        outcomes = []
+        for outs, containers in done:
+            update_desired(s.state, outs, self.clock())
+            record_processes(s.state, outs, containers)
+            outcomes += outs
+        if s.state.desired != before:
+            s.state.save_desired()
+        publish(s, chan, [], outcomes)
+
+
+# -- drain: the inbox served as a pipeline ---------------------------------------------------------
+
+
+_POLL = 0.005  # while jobs run, how often the inbox is looked at for new requests (one scandir)
+
+
+class _Pipeline:
+    """Drain a channel's inbox: every request is answered as soon as its own work is done.
+
+    Requests are taken (intake, claim) as they arrive, decided in rounds against one view, and
+    carried out (act, check, pid files) by `parallel_starts` workers, one job per sidecar: the
+    requests of one round for one sidecar run in order in one job, and a request for a sidecar
+    whose job still runs waits for it. Each finished job is published at once (desired state,
+    ledger, reply), so a slow `podman run` holds only its own agent, and an agent that got its reply
+    is served again while the others' starts still run. A round that needs the runtime's listing
+    (a request claimed before a crash, a pid the record does not vouch for) waits until no job runs,
+    then lists once.
+    """
+
+    def __init__(self, engine: Engine, s: _Sync, chan: ChannelDir) -> None:
+        self.e = engine
+        self.s = s
+        self.chan = chan
+        self.budget = s.channel.max_requests_per_run
+        self.taken: set[str] = set()  # inbox entries taken and not yet answered
+        self.held: list[Incoming] = []  # taken, waiting for their sidecar's job (or for a listing)
+        self.jobs: dict[Future[list[Outcome]], tuple[str, dict[str, Container]]] = {}
+        self.busy: set[str] = set()
+        self.targets: dict[str, str | None] = {}  # entry -> its sidecar, as _target_of found it
+        self.pool: ThreadPoolExecutor | None = None
+
+    def run(self) -> None:
+        try:
+            first = True
+            while True:
+                took = self._take(first)
+                first = False
+                self._dispatch()
+                if not self.jobs:
+                    if not took and not self.held:
+                        break
+                    continue
+                self._collect()
+        finally:
+            if self.pool is not None:
+                self.pool.shutdown(wait=True)
+        _, waiting = self.chan.pending(0)
+        self.s.result.deferred = waiting  # left for the next run, which the path unit / watch starts at once
+
+    def _take(self, first: bool) -> bool:
+        """Read, check and claim what arrived; answer the unreadable and malformed at once."""
+        if self.budget <= 0:
+            return False
+        s, chan = self.s, self.chan
+        entries, waiting = chan.pending(len(self.taken) + min(BATCH, self.budget))
+        if first and waiting > s.channel.max_pending:
+            self.e._refuse_excess(s, chan, waiting)
+            entries, waiting = chan.pending(min(BATCH, self.budget))
+        new = [e for e in entries if e.name not in self.taken][:self.budget]
+        if not new:
+            return False
+        self.budget -= len(new)
+        taken = intake(s, chan, new)
         # Claim durably before acting: a crash from here on replays without acting twice.
         s.state.claim([Claim(i.request.id, i.digest) for i in taken.incoming if not i.interrupted])
-        outcomes = self._serve(s, taken.incoming)
-        publish(s, chan, taken.answered, outcomes)
+        if taken.answered:
+            publish(s, chan, taken.answered, [])
+        for i in taken.incoming:
+            self.taken.add(i.entry.name)
+            self.held.append(i)
+        return True
 
-    def _serve(self, s: _Sync, incoming: list[Incoming]) -> list[Outcome]:
-        if not incoming:
-            return []
-        planned = self._decide_without_listing(s, incoming)
-        if planned is not None:
-            containers = s.vouched()
-        else:
+    def _target(self, i: Incoming) -> str | None:
+        name = i.entry.name
+        if name not in self.targets:
+            self.targets[name] = self._target_of(i)
+        return self.targets[name]
+
+    def _target_of(self, i: Incoming) -> str | None:
+        """The sidecar a request is for, if that is known before the gate (None: it takes a listing
+        to know, or the gate will refuse it anyway)."""
+        r = i.request
+        try:
+            if r.op == "start":
+                return self.e.policy.authorize_start(self.s.channel, r).name
+            if r.pid is None:
+                return self.e.policy.target_name(self.s.channel, r)
+        except SafespawnError:
+            return None
+        for d in self.s.state.desired.values():
+            if d.pid == r.pid and d.identity is not None:
+                return d.name
+        return None
+
+    def _dispatch(self) -> None:
+        """Decide the held requests whose sidecar has no job running, and start their jobs."""
+        if not self.held:
+            return
+        s = self.s
+        blocked = set(self.busy)
+        ready: list[Incoming] = []
+        rest: list[Incoming] = []
+        for i in self.held:
+            t = self._target(i)
+            if t is not None and t not in blocked:
+                ready.append(i)
+            else:
+                if t is not None:
+                    blocked.add(t)  # the later requests for it wait too, in order
+                rest.append(i)
+        if not ready and self.jobs:
+            return  # everything held waits for a running job
+        planned = self.e._decide_without_listing(s, ready) if ready else None
+        if planned is None:
+            # The gate needs the runtime's listing (or a request's sidecar is only known from
+            # it): once nothing runs, list once and decide everything held against it.
+            if self.jobs:
+                return
+            ready, rest = self.held, []
             try:
                 containers = s.snapshot.containers()
             except RuntimeFailed as e:
                 # podman itself is broken: answer now rather than leave the agents waiting.
                 s.result.errors.append(e.message)
-                return [Outcome(i, None, Reply.failure(i.request.id, e.code, e.message)) for i in incoming]
-            planned = decide(self.policy, s, incoming, containers)
-        acted = self.actor.act(s, planned, containers)
-        outcomes = self.verifier.verify(acted, containers)
-        for o in outcomes:
+                self.held = []
+                outs = [Outcome(i, None, Reply.failure(i.request.id, e.code, e.message)) for i in ready]
+                self._publish([(outs, {})], ready)
+                return
+            planned = decide(self.e.policy, s, ready, containers)
+            # The next round lists afresh: a sidecar may die right after its check.
+            s.snapshot.invalidate()
+        else:
+            containers = s.vouched()
+        self.held = rest
+        groups: dict[str, list[Planned]] = defaultdict(list)
+        inline: list[Outcome] = []
+        for p in planned:
+            if p.decision is None:
+                assert p.refusal is not None  # what a Planned without a decision carries
+                inline.append(Outcome(p.incoming, None, p.refusal))
+            else:
+                groups[p.decision.target].append(p)
+        if inline:
+            self._publish([(inline, containers)], [o.incoming for o in inline])
+        for target, group in groups.items():
+            if all(self._instant(p) for p in group):
+                # Signals through a pidfd take microseconds: a worker costs more.
+                self._publish([(self._job(group, containers), containers)], [p.incoming for p in group])
+                continue
+            if self.pool is None:
+                self.pool = ThreadPoolExecutor(max_workers=self.e.workers, thread_name_prefix="safespawn-act")
+            self.busy.add(target)
+            self.jobs[self.pool.submit(self._job, group, containers)] = (target, containers)
+
+    def _instant(self, p: Planned) -> bool:
+        d = p.decision
+        rec = self.s.state.desired.get(d.target) if isinstance(d, Signal) else None
+        return rec is not None and rec.identity is not None
+
+    def _job(self, group: list[Planned], containers: dict[str, Container]) -> list[Outcome]:
+        """One sidecar's requests of a round, in order: act, check, and (before the reply: the
+        wrapper returns on it and Neutron reads the pid file next) the host-written pid files."""
+        s, e = self.s, self.e
+        outs = []
+        for p in group:
+            o = e.verifier.check(e.actor.act(s, p, containers), containers)
             if isinstance(o.decision, Start) and o.reply.ok:
-                # Before the reply: the wrapper returns on it, and Neutron reads the pid file next.
-                self.pid_files.refresh(s.channel.data_dirs, s.audit, o.decision.spec, o.reply.pid,
-                                       wait_child=1.0 if o.started else 0.0)
-        before = dict(s.state.desired)
-        update_desired(s.state, outcomes, self.clock())
-        record_processes(s.state, outcomes, containers)
-        if s.state.desired != before:
-            s.state.save_desired()
-        # The next batch and reconcile list afresh: a sidecar may die right after its check, and
-        # reconcile must see that rather than what this batch believes it left.
-        s.snapshot.invalidate()
-        return outcomes
+                e.pid_files.refresh(s.channel.data_dirs, s.audit, o.decision.spec, o.reply.pid,
+                                    wait_child=1.0 if o.started else 0.0)
+            outs.append(o)
+        return outs
+
+    def _collect(self) -> None:
+        """Publish the jobs that finished; wait for one at most _POLL (new requests may come)."""
+        done, _ = wait(list(self.jobs), timeout=_POLL if self.budget > 0 else None, return_when=FIRST_COMPLETED)
+        finished = []
+        for f in done:
+            target, containers = self.jobs.pop(f)
+            self.busy.discard(target)
+            try:
+                outs = f.result()
+            except Exception as exc:  # noqa: BLE001 - a bug in a job must not leave its agents waiting
+                log.exception("serving requests for %s failed", target)
+                raise exc
+            finished.append((outs, containers))
+        if finished:
+            self._publish(finished, [o.incoming for outs, _ in finished for o in outs])
+
+    def _publish(self, done: list[tuple[list[Outcome], dict[str, Container]]], incoming: list[Incoming]) -> None:
+        self.e._complete(self.s, self.chan, done)
+        for i in incoming:
+            self.taken.discard(i.entry.name)
+            self.targets.pop(i.entry.name, None)

@@ -24,6 +24,7 @@ import enum
 import os
 import re
 import signal
+import time
 from dataclasses import dataclass
 
 # A container id as podman and docker print it: 64 lowercase hex digits.
@@ -101,6 +102,17 @@ def identify(pid: int, container_id: str, proc: str = "/proc") -> ProcessIdentit
     if start_ticks(pid, proc) != ticks:
         return None  # replaced while we looked
     return ProcessIdentity(pid, ticks, container_id)
+
+
+def started_boottime(ident: ProcessIdentity) -> float:
+    """When the process started, in seconds of CLOCK_BOOTTIME (the clock /proc/PID/stat counts in),
+    to the clock tick."""
+    return ident.start_ticks / os.sysconf("SC_CLK_TCK")
+
+
+def started_unix(ident: ProcessIdentity) -> float:
+    """When the process started, as unix time (to the clock tick, give or take the clocks' drift)."""
+    return time.time() - (time.clock_gettime(time.CLOCK_BOOTTIME) - started_boottime(ident))
 
 
 def is_alive(ident: ProcessIdentity, proc: str = "/proc") -> bool:

@@ -4,7 +4,8 @@ One template pair per host and one instance per channel, plus a timer as the saf
 
     safespawn-sync@CH.path         DirectoryNotEmpty=CHANNELS/CH/inbox/new   level: re-checked every time
                                    PathChanged=CHANNELS/CH/inbox/trigger     the spec's edge: an early start
-      -> safespawn-sync@CH.service    Type=oneshot: `safespawn sync CH` (drains until the inbox is empty)
+      -> safespawn-sync@CH.service    Type=oneshot: `safespawn sync --quick --linger=S CH` (drains until
+                                      the inbox is empty, then waits up to S s for more: broker.sync_linger)
     safespawn-reconcile.timer      at boot, then every `broker.reconcile_interval` seconds
       -> safespawn-reconcile.service  `safespawn rearm` (restart failed path units), then
                                       `safespawn sync --all --no-wait` (serve and reconcile every channel)
@@ -87,6 +88,7 @@ def render_units(cfg: Config, scope: str, executable: str, config_file: str) -> 
     conf = _unit_path(config_file, "configuration file")
     channels = _unit_path(str(cfg.broker.channels_dir), "broker.channels_dir")
     interval = cfg.broker.reconcile_interval
+    linger = f" --linger={cfg.broker.sync_linger:g}" if cfg.broker.sync_linger > 0 else ""
     head = f"{MARKER}\n# See docs/operations.md. Scope: {scope}; configuration: {conf}.\n"
     sync_path = f"""{head}
 [Unit]
@@ -127,7 +129,9 @@ StartLimitIntervalSec=0
 [Service]
 Type=oneshot
 Environment=SAFESPAWN_CONFIG={conf}
-ExecStart={exe} sync %i
+# --quick: no listing while every sidecar runs as recorded (the timer's sync lists and removes
+# orphans); --linger: serve the next request in this process if it comes within that many seconds.
+ExecStart={exe} sync --quick{linger} %i
 # Sidecars are detached podman containers whose conmon may stay in this unit's cgroup: when the
 # sync exits, only it is stopped, never them.
 KillMode=process

@@ -268,4 +268,66 @@ def test_a_lingering_sync_serves_the_next_request_itself_and_still_exits(b: Brok
         p.kill()
         p.wait()
     assert p.stderr is not None
-    assert p.stderr.read().decode().count(f"sync {b.channel}: handled 1,") == 1
+    err = p.stderr.read().decode()
+    assert err.count(f"sync {b.channel}: handled 0,") == 1, err  # the activation's own sync
+    assert err.count(f"sync {b.channel} (lingering): handled 1,") == 1, err
+
+
+# -- a start checked through /proc (podman's --pidfile) ------------------------------------------
+
+DYING = """\
+name = "dying"
+description = "test-only: exits 3 after --after=SECONDS (podman's restart policy starts it again)"
+command = ["/bin/sh", "-c", "sleep ${0#--after=}; echo dying-now; exit 3"]
+capabilities = []
+netns = "required"
+netns_pattern = 'qdhcp-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}'
+signals = ["TERM"]
+stop_grace = 0
+tmpfs = []
+
+[args]
+"--after" = { type = "regex", pattern = '[0-9.]{1,5}' }
+"""
+
+
+def test_a_new_sidecar_is_checked_through_proc_without_a_listing_or_an_inspect(
+        b: Broker, netns: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """podman writes the new container's pid (--pidfile, in the channel's root-only state dir); the
+    process is checked through /proc, and the reply carries the pid podman itself reports."""
+    calls = Calls(b, monkeypatch)
+    r = start(b, netns)
+    assert calls.made == ["run", "list"], calls.made  # the run; the list is the sync's full reconcile
+    c = inspect(r["sidecar"])
+    assert c["State"]["Status"] == "running" and c["State"]["Pid"] == r["pid"] and c["RestartCount"] == 0
+    recorded = b.desired()[r["sidecar"]]
+    assert (recorded["pid"], recorded["container_id"]) == (r["pid"], c["Id"])
+    pids = b.root / "state" / b.channel / "pids"
+    assert oct(pids.stat().st_mode & 0o777) == "0o700"
+    assert (pids / f"{r['sidecar']}.pid").read_text().strip() == str(r["pid"])
+    # The status an agent reads right after, from the record (quick) and from the listing (full),
+    # names the same process generation.
+    b.engine.sync(b.channel, full=False)
+    quick = json.loads((b.channel_dir() / "outbox" / "status.json").read_text())["sidecars"][0]
+    b.sync()
+    full = json.loads((b.channel_dir() / "outbox" / "status.json").read_text())["sidecars"][0]
+    assert quick["generation"] == full["generation"] and quick["pid"] == full["pid"] == r["pid"]
+    # Stopping the sidecar removes its pid file.
+    assert b.request(client.stop_request("nsleeper", netns=netns))["ok"]
+    assert not (pids / f"{r['sidecar']}.pid").exists()
+
+
+@pytest.mark.parametrize("after", ["0", "0.05", "0.12"])
+def test_a_program_that_dies_at_once_or_soon_is_reported_failed_on_the_proc_path(
+        tmp_path: Path, netns: str, after: str) -> None:
+    """The program exits 3 after AFTER seconds; podman's restart policy starts it again each time. At
+    once (the pid podman wrote is gone before the check), soon (the check may meet a successor the
+    restart policy started: it is newer than `run`), or within the settle (the check waits for it):
+    the start is refused with why, and nothing is left running or desired."""
+    (tmp_path / "profiles").mkdir(parents=True)
+    (tmp_path / "profiles" / "dying.toml").write_text(DYING)
+    with Broker.make(tmp_path, profiles=["dying"]) as b:
+        r = b.request(client.start_request("dying", [f"--after={after}"], netns=netns))
+        assert r["ok"] is False and r["error"]["code"] == "runtime_failed", r
+        assert "exited" in r["error"]["message"] or "is not running" in r["error"]["message"], r
+        assert b.containers() == [] and b.desired() == {}

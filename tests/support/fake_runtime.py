@@ -128,6 +128,9 @@ class FakeRuntime:
         self._leave(inj)
         return cid
 
+    def run_pid(self, name: str) -> int:
+        return 0  # like docker: the engine inspects (fake pids are no processes in /proc)
+
     def signal(self, name: str, signal: str) -> None:
         inj = self._enter("signal", name, signal)
         c = self.containers.get(name)

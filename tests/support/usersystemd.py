@@ -129,7 +129,7 @@ tmpfs = []
 """
 
 def write_config(root: Path, *, reconcile_interval: int = 60, podman: str = "podman",
-                 max_sidecars: int = 256) -> Broker:
+                 max_sidecars: int = 256, sync_linger: float | None = None) -> Broker:
     """A host config with one sleeper channel; nothing is created on disk but the config itself."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "profiles").mkdir(exist_ok=True)
@@ -138,7 +138,8 @@ def write_config(root: Path, *, reconcile_interval: int = 60, podman: str = "pod
     cfg = root / "safespawn.toml"
     cfg.write_text(f'[broker]\nchannels_dir = "{root}/channels"\nstate_dir = "{root}/state"\n'
                    f'profiles_dir = "{root}/profiles"\nreconcile_interval = {reconcile_interval}\n'
-                   f'podman = "{podman}"\n\n'
+                   f'podman = "{podman}"\n'
+                   + (f"sync_linger = {sync_linger}\n" if sync_linger is not None else "") + "\n"
                    f'[channels.{channel}]\nimage = "{TEST_IMAGE}"\nprofiles = ["sleeper"]\n'
                    f'max_sidecars = {max_sidecars}\n')
     return Broker(root, channel, cfg, root / "data")

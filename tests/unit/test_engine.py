@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from support.engine_host import CH, Host
 
 from safespawn import client
 from safespawn.errors import ChannelLocked, RuntimeFailed
+from safespawn.request import parse_request
 from safespawn.sidecar import LABEL_CHANNEL
 from safespawn.state import ChannelState
 
@@ -225,13 +228,17 @@ def test_a_sidecar_no_longer_allowed_is_dropped_not_respawned(host: Host) -> Non
 
 
 def test_podman_failing_answers_every_request_and_loses_nothing(host: Host) -> None:
-    rids = [host.write(host.start(k)) for k in ("a", "b")]
-    host.rt.inject("list", RuntimeFailed("cannot run podman: No such file"), times=3)
+    # Starts are decided without a listing (their `run` fails); a stop of a sidecar the record
+    # does not know needs the listing (which fails).
+    rids = [host.write(host.start(k)) for k in ("a", "b")] + [host.write(client.stop_request("sleeper", pid=999999))]
+    broken = RuntimeFailed("cannot run podman: No such file")
+    host.rt.inject("list", broken, times=3)
+    host.rt.inject("run", broken, times=2)
     host.sync()
     for rid in rids:
         r = host.reply(rid)
-        assert r is not None and r["error"]["code"] == "runtime_failed"
-    assert host.pending() == [] and host.rt.count("run") == 0
+        assert r is not None and r["error"]["code"] == "runtime_failed", r
+    assert host.pending() == [] and host.rt.containers == {} and host.state().desired == {}
 
 
 def test_a_failed_run_is_answered_and_its_leftover_removed(host: Host) -> None:
@@ -277,9 +284,10 @@ def test_a_replacing_start_and_a_stop_in_one_batch_are_carried_out_in_order(host
         os.utime(host.chdir / "inbox" / "new" / f"{rid}.json", ns=(n * 10**9, n * 10**9))
     host.sync()
     r1, r2 = host.reply(s1), host.reply(s2)
-    # The start's reply is what the check after the batch sees: the stop already removed it.
-    assert r1 is not None and r1["error"]["code"] == "runtime_failed" and r2 is not None and r2["ok"]
-    assert [op for op, _ in host.rt.calls if op in ("run", "stop", "remove")][-4:] == ["remove", "run", "stop", "remove"]
+    # Each request of a sidecar is carried out and checked before the next: the replacing start
+    # ran (and says so), then the stop removed it.
+    assert r1 is not None and r1["ok"] and r1["pid"] != first["pid"] and r2 is not None and r2["ok"]
+    assert [op for op, _ in host.rt.calls if op in ("run", "stop", "remove")][-3:] == ["remove", "run", "stop"]
     assert host.rt.containers == {} and host.state().desired == {}
 
 
@@ -290,10 +298,10 @@ def test_an_idle_sync_lists_the_containers_once(host: Host) -> None:
     assert host.rt.count("list") - before == 1  # reconcile and status share one listing
 
 
-def test_a_sync_that_serves_requests_lists_once_for_the_batch_and_once_for_reconcile(host: Host) -> None:
+def test_a_start_of_a_new_sidecar_needs_no_listing_and_reconcile_lists_once(host: Host) -> None:
     before = host.rt.count("list")
     host.ask(host.start("a"))
-    assert host.rt.count("list") - before == 2
+    assert host.rt.count("list") - before == 1
 
 
 def test_another_sync_holding_the_channel_is_reported_not_waited_for(host: Host) -> None:
@@ -310,3 +318,85 @@ def test_status_lists_desired_sidecars_with_their_state(host: Host) -> None:
     st = host.engine.status(CH)
     assert [(s["name"], s["state"], s["pid"]) for s in st["sidecars"]] == [(name, "exited", None)]
     assert all(c.labels[LABEL_CHANNEL] == CH for c in host.rt.containers.values())
+
+
+# -- the pipeline: each reply as soon as its own work is done ------------------------------------
+
+
+def _name_of(host: Host, req: dict[str, Any]) -> str:
+    """The sidecar a start request names (as the policy derives it)."""
+    parsed = parse_request(json.dumps(req).encode(), req["id"])
+    return host.engine.policy.authorize_start(host.cfg.channel(CH), parsed).name
+
+
+def _hold_start_of(host: Host, req: dict[str, Any]) -> tuple[threading.Event, threading.Event]:
+    """`run` of the sidecar `req` starts blocks until released; (running, release)."""
+    running, release = threading.Event(), threading.Event()
+    name = _name_of(host, req)
+
+    def hook(started: str) -> None:
+        if started == name:
+            running.set()
+            assert release.wait(30), "never released"
+
+    host.rt.inject("run", hook=hook, times=10)
+    return running, release
+
+
+def _wait_reply(host: Host, rid: str, timeout: float = 10.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while (r := host.reply(rid)) is None:
+        assert time.monotonic() < deadline, f"no reply for {rid}"
+        time.sleep(0.01)
+    return r
+
+
+def test_a_request_written_while_a_slow_start_runs_is_answered_before_that_start_ends(host: Host) -> None:
+    req = host.start("slow")
+    running, release = _hold_start_of(host, req)
+    slow = host.write(req)
+    sync = threading.Thread(target=host.sync)
+    sync.start()
+    try:
+        assert running.wait(10)
+        fast = host.write(host.start("fast"))  # the same sync takes it while the slow start runs
+        assert _wait_reply(host, fast)["ok"]
+        assert host.reply(slow) is None and slow + ".json" in host.pending()
+        assert host.state().ledger[slow].state == "claimed"
+    finally:
+        release.set()
+        sync.join(30)
+    assert _wait_reply(host, slow)["ok"] and host.pending() == []
+    assert len(host.running()) == 2 and len(host.state().desired) == 2
+
+
+def test_a_crash_while_one_start_runs_loses_nothing_and_doubles_nothing(host: Host) -> None:
+    """The broker dies after one reply went out and while another start had run (its container
+    exists, its reply does not): the next broker answers it once, and runs no second container."""
+    ra, rb = host.start("a"), host.start("b")
+    b_name = _name_of(host, rb)
+
+    real_run = host.rt.run
+
+    def run(spec: Any) -> str:
+        cid = real_run(spec)
+        if spec.name == b_name:
+            deadline = time.monotonic() + 10
+            while host.reply(ra["id"]) is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            raise SystemExit("the broker dies after `run`")
+        return cid
+
+    host.rt.run = run  # type: ignore[method-assign]
+    a, b = host.write(ra), host.write(rb)
+    for n, rid in enumerate((a, b)):
+        os.utime(host.chdir / "inbox" / "new" / f"{rid}.json", ns=(n * 10**9, n * 10**9))
+    with pytest.raises(SystemExit):
+        host.sync()
+    assert host.reply(a) is not None and host.reply(b) is None and len(host.running()) == 2
+    assert host.state().ledger[b].state == "claimed" and host.pending() == [f"{b}.json"]
+    host.rt.run = real_run  # type: ignore[method-assign]
+    host.engine = host.new_engine()
+    host.sync()
+    assert all(host.reply(rid)["ok"] for rid in (a, b)) and host.pending() == []  # type: ignore[index]
+    assert len(host.running()) == 2 and host.rt.count("run") == 2

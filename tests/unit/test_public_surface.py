@@ -30,7 +30,7 @@ def test_star_import_gives_the_surface_and_nothing_else() -> None:
 
 def test_the_runtime_interface_is_what_the_engine_drives() -> None:
     methods = {n for n, _ in inspect.getmembers(safespawn.Runtime, inspect.isfunction) if not n.startswith("_")}
-    assert methods == {"list", "run", "signal", "stop", "remove", "logs", "inspect"}
+    assert methods == {"list", "run", "run_pid", "signal", "stop", "remove", "logs", "inspect"}
     assert {f for f in safespawn.Container.__dataclass_fields__} >= {"id", "name", "state", "pid", "labels"}
 
 

@@ -42,6 +42,9 @@ class FakeRuntime:
         self.down.discard(spec.name)
         return "id"
 
+    def run_pid(self, name: str) -> int:
+        return 0
+
     def remove(self, name: str) -> None:
         if self.containers.pop(name, None) is not None:
             self.down.add(name)

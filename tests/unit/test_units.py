@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from safespawn.config import parse_config
+from safespawn.errors import ConfigError
 from safespawn.units import InstallError, render_units
 
 
-def units(scope: str = "system", channels_dir: str = "/var/lib/safespawn/channels", **broker: int) -> dict[str, str]:
+def units(scope: str = "system", channels_dir: str = "/var/lib/safespawn/channels", **broker: Any) -> dict[str, str]:
     cfg = parse_config({"broker": {"channels_dir": channels_dir, **broker},
                         "channels": {"neutron-dhcp": {"image": "localhost/x:1", "profiles": ["dnsmasq"]}}},
                        Path("/etc/safespawn/safespawn.toml"))
@@ -33,13 +35,22 @@ def test_the_path_unit_is_level_triggered_on_the_inbox_and_watches_the_trigger_f
 def test_the_sync_service_has_no_start_limit_and_never_kills_the_sidecars() -> None:
     s = settings(units()["safespawn-sync@.service"])
     assert "Type=oneshot" in s
-    assert "ExecStart=/usr/bin/safespawn sync %i" in s
+    assert "ExecStart=/usr/bin/safespawn sync --quick --linger=2 %i" in s
     assert "StartLimitIntervalSec=0" in s
     assert "KillMode=process" in s
     assert "Environment=SAFESPAWN_CONFIG=/etc/safespawn/safespawn.toml" in s
     # No mount namespace: the sidecars' mounts must stay visible to the host.
     assert not [x for x in s if x.startswith(("ProtectSystem", "PrivateTmp", "ProtectHome", "ReadWritePaths",
                                                "PrivateDevices", "NoNewPrivileges"))]
+
+
+def test_the_sync_service_lingers_as_configured_and_not_at_all_with_0() -> None:
+    assert "ExecStart=/usr/bin/safespawn sync --quick --linger=0.5 %i" in settings(
+        units(sync_linger=0.5)["safespawn-sync@.service"])
+    assert "ExecStart=/usr/bin/safespawn sync --quick %i" in settings(units(sync_linger=0)["safespawn-sync@.service"])
+    for bad in (-1, 31, "2", True):
+        with pytest.raises(ConfigError, match="sync_linger"):
+            units(sync_linger=bad)
 
 
 def test_the_reconcile_service_rearms_then_syncs_every_channel() -> None:

@@ -11,7 +11,7 @@ def make_runtime(broker: BrokerConfig) -> Runtime:
     """The runtime `[broker] runtime` names, with its CLI path and per-call timeout."""
     if broker.runtime == "docker":
         return DockerRuntime(broker.docker, broker.docker_host, broker.docker_oci_runtime, broker.podman_timeout)
-    return PodmanRuntime(broker.podman, broker.podman_timeout)
+    return PodmanRuntime(broker.podman, broker.podman_timeout, str(broker.state_dir))
 
 
 __all__ = ["Container", "DockerRuntime", "PodmanRuntime", "Runtime", "make_runtime"]

@@ -36,7 +36,13 @@ class Runtime(Protocol):
         ...
 
     def run(self, spec: SidecarSpec) -> str:
-        """Start a detached container for `spec`; returns its id."""
+        """Start a detached container for `spec`; returns its id. A name already in use fails with
+        a RuntimeFailed whose message says "already in use"."""
+        ...
+
+    def run_pid(self, name: str) -> int:
+        """The host pid of the process the last `run` of `name` started, as the runtime wrote it
+        when `run` returned (0 when it does not say: then only `inspect` knows)."""
         ...
 
     def signal(self, name: str, signal: str) -> None: ...

@@ -154,6 +154,9 @@ class DockerRuntime:
     def run(self, spec: SidecarSpec) -> str:
         return self._run(run_argv(spec, self.docker, self.oci_runtime)[1:]).strip()
 
+    def run_pid(self, name: str) -> int:
+        return 0  # `docker run` writes no pid file: the start is checked with `docker inspect`
+
     def signal(self, name: str, signal: str) -> None:
         self._run(["kill", f"--signal={signal}", "--", name])
 

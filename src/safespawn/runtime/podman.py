@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import stat
 import subprocess
 import time
 from collections.abc import Sequence
@@ -18,7 +20,7 @@ from .base import Container
 log = logging.getLogger(__name__)
 
 
-def run_argv(spec: SidecarSpec, podman: str = "podman") -> list[str]:
+def run_argv(spec: SidecarSpec, podman: str = "podman", pidfile: str | None = None) -> list[str]:
     """The full `podman run` command line for a spec.
 
     Everything before the image comes from the host: the profile, the channel config, and the
@@ -27,6 +29,8 @@ def run_argv(spec: SidecarSpec, podman: str = "podman") -> list[str]:
     request's arguments only ever follow the image and the profile's command prefix.
     """
     argv = [podman, "run", "--detach", f"--name={spec.name}"]
+    if pidfile is not None:
+        argv.append(f"--pidfile={pidfile}")  # the host's own directory (PodmanRuntime.pid_dir)
     for k, v in sorted(spec.labels.items()):
         argv.append(f"--label={k}={v}")
     if spec.netns_path is not None:
@@ -59,9 +63,16 @@ def run_argv(spec: SidecarSpec, podman: str = "podman") -> list[str]:
 
 
 class PodmanRuntime:
-    def __init__(self, podman: str = "podman", timeout: int = 60) -> None:
+    """`pid_dir`: the broker's state dir, in whose channel dirs `podman run --pidfile` leaves the
+    new container's host pid, so that a start can be checked through /proc without a `podman
+    inspect` (engine.Verifier); None: no pid files, every start is inspected."""
+
+    def __init__(self, podman: str = "podman", timeout: int = 60, pid_dir: str | None = None) -> None:
         self.podman = podman
         self.timeout = timeout
+        self.pid_dir = pid_dir
+        self._pids: dict[str, int] = {}
+        self._ready: set[str] = set()
 
     def _run(self, args: list[str], timeout: float | None = None, check: bool = True) -> str:
         argv = [self.podman, *args]
@@ -125,7 +136,57 @@ class PodmanRuntime:
         return result
 
     def run(self, spec: SidecarSpec) -> str:
-        return self._run(run_argv(spec, self.podman)[1:]).strip()
+        self._pids.pop(spec.name, None)
+        pidfile = self._pidfile(spec)
+        cid = self._run(run_argv(spec, self.podman, pidfile)[1:]).strip()
+        if pidfile is not None:
+            self._pids[spec.name] = _read_pid(pidfile)
+        return cid
+
+    def run_pid(self, name: str) -> int:
+        return self._pids.pop(name, 0)
+
+    def _pidfile(self, spec: SidecarSpec) -> str | None:
+        """Where `podman run` writes the new container's pid: `pids/NAME.pid` in the channel's
+        state dir, a root-only directory the host created itself (never one an agent can reach);
+        None when that cannot be had. podman rewrites the file at each restart of the container
+        (its restart policy), so it stays until the container is removed (`remove`)."""
+        channel = spec.labels.get(LABEL_CHANNEL, "")
+        if self.pid_dir is None or not channel or "/" in channel or channel.startswith("."):
+            return None
+        where = os.path.join(self.pid_dir, channel, "pids")
+        if where not in self._ready:
+            try:
+                os.makedirs(where, mode=0o700, exist_ok=True)
+                st = os.lstat(where)
+            except OSError as e:
+                log.warning("no pid files for podman run (%s): starts are checked with podman inspect", e)
+                return None
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+                log.warning("%s is not a private directory of ours: starts are checked with podman inspect", where)
+                return None
+            self._ready.add(where)
+        path = os.path.join(where, spec.name + ".pid")
+        try:
+            os.unlink(path)  # never read a pid an earlier run left
+        except FileNotFoundError:
+            pass
+        except OSError:
+            return None
+        return path
+
+    def _forget_pidfile(self, name: str) -> None:
+        if self.pid_dir is None:
+            return
+        try:
+            channels = os.listdir(self.pid_dir)
+        except OSError:
+            return
+        for channel in channels:
+            try:
+                os.unlink(os.path.join(self.pid_dir, channel, "pids", name + ".pid"))
+            except OSError:
+                pass
 
     def signal(self, name: str, signal: str) -> None:
         self._run(["kill", f"--signal={signal}", "--", name])
@@ -135,6 +196,7 @@ class PodmanRuntime:
         self.remove(name)
 
     def remove(self, name: str) -> None:
+        self._forget_pidfile(name)
         try:
             self._run(["rm", "--force", "--ignore", "--time=0", "--", name])
         except RuntimeFailed as e:
@@ -153,6 +215,20 @@ class PodmanRuntime:
         except (OSError, subprocess.TimeoutExpired):
             return ""
         return (p.stdout + p.stderr).strip()
+
+
+def _read_pid(path: str) -> int:
+    """The pid `podman run --pidfile` wrote; 0 if there is none."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            raw = os.read(fd, 32)
+        finally:
+            os.close(fd)
+    except OSError:
+        return 0
+    text = raw.decode("ascii", "replace").strip()
+    return int(text) if text.isdigit() and 0 < int(text) < 1 << 22 else 0
 
 
 _RFC3339 = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.\d+)?(Z|[+-]\d\d:\d\d)")
