@@ -32,7 +32,7 @@ import os
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -197,10 +197,13 @@ class _Sync:
             seen = self.alive_seen[ident] = pidsignal.is_alive(ident)
         return seen
 
-    def vouched(self) -> dict[str, Container]:
-        """The desired sidecars whose recorded process still verifies, as the containers they are."""
+    def vouched(self, names: Iterable[str] | None = None) -> dict[str, Container]:
+        """The desired sidecars (all, or those named) whose recorded process still verifies, as the
+        containers they are."""
         out = {}
-        for d in self.state.desired.values():
+        wanted = self.state.desired.values() if names is None else [
+            self.state.desired[n] for n in names if n in self.state.desired]
+        for d in wanted:
             ident = d.identity
             if ident is not None and d.spec_hash and self.alive(ident):
                 out[d.name] = Container(d.container_id, d.name, "running", d.pid, started=d.started_at, labels={
@@ -280,9 +283,11 @@ def intake(s: _Sync, chan: ChannelDir, entries: list[Entry]) -> Intake:
 # -- decide ------------------------------------------------------------------------------------
 
 
-def decide(policy: Policy, s: _Sync, incoming: list[Incoming], containers: dict[str, Container]) -> list[Planned]:
-    """The policy's gate for every request, in order, against one view of the channel."""
-    view = ChannelView(containers, set(s.state.desired))
+def decide(policy: Policy, s: _Sync, incoming: list[Incoming], containers: dict[str, Container],
+           in_flight: Iterable[str] = ()) -> list[Planned]:
+    """The policy's gate for every request, in order, against one view of the channel (`in_flight`:
+    sidecars whose requests are being carried out now; counted as desired, for the quota)."""
+    view = ChannelView(containers, set(s.state.desired) | set(in_flight))
     planned = []
     for i in incoming:
         try:
@@ -715,14 +720,15 @@ class Reconciler:
 
     def _refresh_pid_files(self, s: _Sync) -> bool:
         """The quick path keeps the host-written pid files true too (the agent may have removed or
-        replaced one), with the recorded pid; False if a sidecar's policy check fails (the full pass
-        then drops it)."""
+        replaced one), with the recorded pid; False if a sidecar's spec no longer follows from the
+        configuration (the full pass then drops it). The pid-file writer needs no check of the
+        paths against the filesystem: it never follows a link (pidfiles.py)."""
         for d in s.state.desired.values():
             profile = self.policy.profiles.get(d.profile)
             if profile is None or not profile.pid_files:
                 continue
             try:
-                spec = self.policy.authorize_respawn(s.channel, d)
+                spec = self.policy.configured_spec(s.channel, d)
             except SafespawnError:
                 return False
             self.pid_files.refresh(s.channel.data_dirs, s.audit, spec, d.pid)
@@ -863,9 +869,11 @@ class Engine:
         return status_of(name, state, containers, self.config.broker.reconcile_interval, self.policy,
                          self.config.channel(name))
 
-    def _decide_without_listing(self, s: _Sync, incoming: list[Incoming]) -> list[Planned] | None:
+    def _decide_without_listing(self, s: _Sync, incoming: list[Incoming], targets: set[str],
+                                in_flight: Iterable[str] = ()) -> tuple[list[Planned], dict[str, Container]] | None:
         """The gate's decisions against what the desired state vouches for (recorded processes that
-        still verify), if that is enough. None when the runtime's listing is needed: a request
+        still verify; of the requests' `targets` only, so that the reply does not wait for the
+        whole channel's checks), and that view, if that is enough. None when the runtime's listing is needed: a request
         claimed before a crash (what it did is only known to the runtime), a signal or stop of a
         pid or name the record does not vouch for.
 
@@ -874,8 +882,8 @@ class Engine:
         desired is found by `run` itself (Actor._run)."""
         if any(i.interrupted for i in incoming):
             return None
-        vouched = s.vouched()
-        planned = decide(self.policy, s, incoming, vouched)
+        vouched = s.vouched(targets)
+        planned = decide(self.policy, s, incoming, vouched, in_flight)
         for p in planned:
             d = p.decision
             if d is None:
@@ -885,7 +893,7 @@ class Engine:
                 continue
             if d.target not in vouched and (not isinstance(d, Start) or d.target in s.state.desired):
                 return None  # a desired sidecar the record does not vouch for: does it still run?
-        return planned
+        return planned, vouched
 
     def _refuse_excess(self, s: _Sync, chan: ChannelDir, waiting: int) -> None:
         """A flood: refuse the newest requests beyond max_pending with `quota`, cheaply."""
@@ -1021,18 +1029,20 @@ class _Pipeline:
         blocked = set(self.busy)
         ready: list[Incoming] = []
         rest: list[Incoming] = []
+        targets: set[str] = set()
         for i in self.held:
             t = self._target(i)
             if t is not None and t not in blocked:
                 ready.append(i)
+                targets.add(t)
             else:
                 if t is not None:
                     blocked.add(t)  # the later requests for it wait too, in order
                 rest.append(i)
         if not ready and self.jobs:
             return  # everything held waits for a running job
-        planned = self.e._decide_without_listing(s, ready) if ready else None
-        if planned is None:
+        fast = self.e._decide_without_listing(s, ready, targets, self.busy) if ready else None
+        if fast is None:
             # The gate needs the runtime's listing (or a request's sidecar is only known from
             # it): once nothing runs, list once and decide everything held against it.
             if self.jobs:
@@ -1051,7 +1061,7 @@ class _Pipeline:
             # The next round lists afresh: a sidecar may die right after its check.
             s.snapshot.invalidate()
         else:
-            containers = s.vouched()
+            planned, containers = fast
         self.held = rest
         groups: dict[str, list[Planned]] = defaultdict(list)
         inline: list[Outcome] = []

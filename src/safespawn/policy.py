@@ -75,14 +75,14 @@ class ArgRule:
     also: tuple[str, ...] = ()  # literal values accepted besides the type (e.g. /dev/null)
     data_dir: bool = False  # a path rule that also accepts a data dir itself, not only paths inside
 
-    def check_value(self, value: str, data_dirs: tuple[str, ...]) -> None:
+    def check_value(self, value: str, data_dirs: tuple[str, ...], resolve: bool = True) -> None:
         t = self.type
         ok = True
         if value in self.also:
             # ALLOW: a literal the profile names (dnsmasq --conf-file=/dev/null).
             return
         if t == "path":
-            check_path(value, data_dirs, self.option, allow_root=self.data_dir)
+            check_path(value, data_dirs, self.option, allow_root=self.data_dir, resolve=resolve)
             return
         if t == "interface":
             ok = bool(INTERFACE_RE.fullmatch(value))
@@ -130,11 +130,13 @@ def _is_ip(value: str, kind: str) -> bool:
     return kind == "ip" or (kind == "ipv4") == (ip.version == 4)
 
 
-def check_path(value: str, data_dirs: tuple[str, ...], option: str = "path", allow_root: bool = False) -> None:
+def check_path(value: str, data_dirs: tuple[str, ...], option: str = "path", allow_root: bool = False,
+               resolve: bool = True) -> None:
     """A path argument must be absolute, normalized and inside one of the channel's data dirs.
 
     The sidecar only has the data dirs mounted, so this is defence in depth: even a path that got
-    through would resolve inside the container, never on the host.
+    through would resolve inside the container, never on the host. `resolve=False` skips the one
+    check that depends on the filesystem (symlinks), for what only needs the spec as configured.
     """
     # DENY: control characters (a NUL would also make realpath() raise instead of refusing).
     if has_control_char(value):
@@ -150,6 +152,8 @@ def check_path(value: str, data_dirs: tuple[str, ...], option: str = "path", all
     else:
         # DENY: reading or writing outside the data dirs (e.g. --conf-file=/etc/shadow).
         raise PolicyDenied(f"{option}: {value[:80]!r} is outside the channel's data dirs")
+    if not resolve:
+        return
     # DENY: a symlinked folder inside the data dir that points out of it.
     real_root = os.path.realpath(root)
     real = os.path.realpath(value)
@@ -229,7 +233,8 @@ class Profile:
                 found = a[len(opt) + 1:]
         return found
 
-    def check_argv(self, argv: tuple[str, ...], data_dirs: tuple[str, ...]) -> dict[str, list[str]]:
+    def check_argv(self, argv: tuple[str, ...], data_dirs: tuple[str, ...],
+                   resolve: bool = True) -> dict[str, list[str]]:
         """Every argument must match one rule. Returns the options seen with their values."""
         seen: dict[str, list[str]] = {}
         i = 0
@@ -249,7 +254,7 @@ class Profile:
                     raise PolicyDenied(f"{arg} needs a value")
                 value = argv[i]
                 i += 1
-                rule.check_value(value, data_dirs)
+                rule.check_value(value, data_dirs, resolve)
                 seen.setdefault(arg, []).append(value)
                 continue
             name, eq, value = arg.partition("=")
@@ -257,7 +262,7 @@ class Profile:
             if rule is None or not eq or rule.type == "flag" or rule.separate:
                 # DENY: an option that is not on the allowlist (e.g. --dhcp-script, --conf-dir).
                 raise PolicyDenied(f"option {name[:80]!r} is not allowed for {self.name}")
-            rule.check_value(value, data_dirs)
+            rule.check_value(value, data_dirs, resolve)
             seen.setdefault(name, []).append(value)
         return seen
 
@@ -603,6 +608,8 @@ class Policy:
         self.netns_dir = str(config.broker.netns_dir)
         self.host_ns = frozenset(host_netns_ids() if host_ns is None else host_ns)
         self.profiles: dict[str, Profile] = dict(profiles or {})
+        # configured_spec's answers: a pure function of the configuration, which a Policy never changes.
+        self._configured: dict[tuple[str, str, str | None, tuple[str, ...]], SidecarSpec] = {}
         if profiles is None:
             for ch in config.channels.values():
                 for name in ch.profiles:
@@ -689,8 +696,9 @@ class Policy:
         if (st.st_dev, st.st_ino) in self.host_ns:
             raise PolicyDenied("the sidecar ended up in the host's network namespace; removed")
 
-    def check_netns(self, profile: Profile, netns: str | None) -> str | None:
-        """Returns the netns path to join, after checking it as docs/security.md describes."""
+    def check_netns(self, profile: Profile, netns: str | None, resolve: bool = True) -> str | None:
+        """Returns the netns path to join, after checking it as docs/security.md describes
+        (`resolve=False`: only the name, not what is there now)."""
         if netns is None:
             if profile.netns == "required":
                 raise PolicyDenied(f"{profile.name} must run in a network namespace")
@@ -701,7 +709,8 @@ class Policy:
         # DENY: a name outside the pattern could be another service's namespace.
         if not profile.netns_pattern.fullmatch(netns):
             raise PolicyDenied(f"netns {netns[:80]!r} does not match the {profile.name} profile's pattern")
-        os.close(open_netns(self.netns_dir, netns, self.host_ns))
+        if resolve:
+            os.close(open_netns(self.netns_dir, netns, self.host_ns))
         return os.path.join(self.netns_dir, netns)
 
     def sidecar_key(self, profile: Profile, netns: str | None, seen: dict[str, list[str]]) -> str:
@@ -724,17 +733,31 @@ class Policy:
         """
         return self._spec(channel, desired.profile, desired.netns, desired.argv)
 
+    def configured_spec(self, channel: ChannelConfig, desired: DesiredSidecar) -> SidecarSpec:
+        """The spec the configuration gives a desired sidecar now, without the checks that depend
+        on the filesystem (its netns still there, no symlink in its paths): what `status` compares
+        a running container with, and where the quick reconcile keeps the pid files. Never what a
+        container is started from (that is authorize_start / authorize_respawn)."""
+        key = (channel.name, desired.profile, desired.netns, desired.argv)
+        spec = self._configured.get(key)
+        if spec is None:
+            spec = self._spec(channel, desired.profile, desired.netns, desired.argv, resolve=False)
+            if len(self._configured) >= 8192:
+                self._configured.clear()  # bounded: a policy lives as long as its configuration
+            self._configured[key] = spec
+        return spec
+
     def _spec(self, channel: ChannelConfig, profile_name: str | None, netns: str | None,
-              argv: tuple[str, ...]) -> SidecarSpec:
+              argv: tuple[str, ...], resolve: bool = True) -> SidecarSpec:
         profile = self.profile_for(channel, profile_name)
-        seen = profile.check_argv(argv, channel.data_dirs)
+        seen = profile.check_argv(argv, channel.data_dirs, resolve)
         if profile.netns_option is not None:
             named = seen.get(profile.netns_option, [])
             # DENY: a program told to act on one namespace while it runs in another.
             if named != [netns]:
                 raise PolicyDenied(f"{profile.netns_option} must be given once and name the sidecar's netns "
                                    f"({netns})")
-        netns_path = self.check_netns(profile, netns)
+        netns_path = self.check_netns(profile, netns, resolve)
         key = self.sidecar_key(profile, netns, seen)
         args, pid_files = profile.private_pid_args(argv)
         uid, gid = channel.sidecar_user

@@ -180,9 +180,12 @@ def _str_field(d: dict[str, Any], key: str, pattern: re.Pattern[str], what: str)
     return v
 
 
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
+
+
 def has_control_char(text: str) -> bool:
     """Newline, NUL, escape and the rest of C0, and DEL."""
-    return any(ord(c) < 0x20 or ord(c) == 0x7F for c in text)
+    return _CONTROL.search(text) is not None
 
 
 def _check_arg(i: int, a: Any) -> str:

@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import RuntimeFailed, SafespawnError
 from .files import atomic_write, open_dir
-from .request import Request
 
 if TYPE_CHECKING:
     from .audit import AuditLog
@@ -180,8 +179,7 @@ def describe(policy: Policy, channel: ChannelConfig, state: ChannelState,
         if c is None:
             continue
         try:
-            spec = policy.authorize_start(channel, Request(d.request_id or "0" * 32, "start", d.profile,
-                                                                  d.netns, d.argv))
+            spec = policy.configured_spec(channel, d)
         except SafespawnError:
             continue
         if c.spec_hash != spec.spec_hash:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
+from functools import cached_property
 
 LABEL_CHANNEL = "safespawn.channel"
 LABEL_PROFILE = "safespawn.profile"
@@ -52,10 +53,12 @@ class SidecarSpec:
     pid_files: tuple[tuple[str, str], ...] = ()
     user: str = "0:0"  # host uid:gid the program runs as (--user)
 
-    @property
+    @cached_property
     def spec_hash(self) -> str:
-        """A digest of the full spec: a running container whose label differs is replaced."""
-        blob = json.dumps(asdict(self), sort_keys=True, separators=(",", ":")).encode()
+        """A digest of the full spec: a running container whose label differs is replaced.
+        (The fields are flat values and tuples: json gives the same bytes as for `asdict`.)"""
+        fields_ = {f.name: getattr(self, f.name) for f in fields(self)}
+        blob = json.dumps(fields_, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()[:32]
 
     @property

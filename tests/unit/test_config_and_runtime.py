@@ -49,10 +49,12 @@ def test_nothing_from_the_request_goes_before_the_image_except_checked_fused_val
     cfg = parse_config(CFG)
     ns = "qdhcp-11111111-2222-3333-4444-555555555555"
     policy = Policy(cfg, host_ns=[])
-    policy.check_netns = lambda profile, netns: f"/run/netns/{netns}"  # type: ignore[method-assign]
+    policy.check_netns = lambda profile, netns, resolve=True: f"/run/netns/{netns}"  # type: ignore[method-assign]
     argv = ["--no-hosts", "--interface=tap1"]
     spec = policy.authorize_start(cfg.channel("neutron-dhcp"), Request("a" * 32, "start", "dnsmasq", ns, tuple(argv)))
-    cmd = run_argv(spec)
+    # The broker's own command line carries the host's pid file (PodmanRuntime.pid_dir) too.
+    cmd = run_argv(spec, pidfile=f"/var/lib/safespawn/state/neutron-dhcp/pids/{spec.name}.pid")
+    assert f"--pidfile=/var/lib/safespawn/state/neutron-dhcp/pids/{spec.name}.pid" in cmd
     i = cmd.index("localhost/example:latest")
     assert cmd[i + 1:] == argv  # the request's arguments follow the image, and only there
     before = cmd[:i]
@@ -90,7 +92,7 @@ def _spec(channel_extra, profile="dnsmasq"):
     cfg = parse_config({**CFG, "channels": {"neutron-dhcp": {**CFG["channels"]["neutron-dhcp"],
                                                              "profiles": [profile], **channel_extra}}})
     policy = Policy(cfg, host_ns=[])
-    policy.check_netns = lambda profile, netns: f"/run/netns/{netns}"  # type: ignore[method-assign]
+    policy.check_netns = lambda profile, netns, resolve=True: f"/run/netns/{netns}"  # type: ignore[method-assign]
     ns = "qdhcp-11111111-2222-3333-4444-555555555555"
     return policy.authorize_start(cfg.channel("neutron-dhcp"), Request("a" * 32, "start", profile, ns, ("--no-hosts",)))
 
@@ -181,3 +183,20 @@ exit 0
     fake.write_text("#!/bin/sh\necho \"Error: boom\" >&2\nexit 125\n")
     with pytest.raises(RuntimeFailed, match="boom"):
         PodmanRuntime(str(fake)).remove("c1")
+
+
+def test_the_spec_hash_is_the_digest_it_always_was():
+    """Running sidecars carry the hash as a label: a changed digest would roll every one of them."""
+    import hashlib
+    import json
+    from dataclasses import asdict
+
+    cfg = parse_config(CFG)
+    policy = Policy(cfg, host_ns=[])
+    policy.check_netns = lambda profile, netns, resolve=True: f"/run/netns/{netns}"  # type: ignore[method-assign]
+    ns = "qdhcp-11111111-2222-3333-4444-555555555555"
+    spec = policy.authorize_start(cfg.channel("neutron-dhcp"), Request(
+        "a" * 32, "start", "dnsmasq", ns, ("--no-hosts", "--pid-file=/var/lib/neutron/dhcp/x/pid")))
+    assert spec.pid_files  # nested tuples, as asdict() saw them
+    old = hashlib.sha256(json.dumps(asdict(spec), sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:32]
+    assert spec.spec_hash == old

@@ -27,7 +27,7 @@ NS = "qdhcp-11111111-2222-3333-4444-555555555555"
 def spec_for(argv: list[str], netns: str | None = NS):
     cfg = parse_config(CFG)
     policy = Policy(cfg, host_ns=[])
-    policy.check_netns = lambda profile, netns: f"/run/netns/{netns}"  # type: ignore[method-assign]
+    policy.check_netns = lambda profile, netns, resolve=True: f"/run/netns/{netns}"  # type: ignore[method-assign]
     return policy.authorize_start(cfg.channel("neutron-dhcp"), Request("a" * 32, "start", "dnsmasq", netns,
                                                                       tuple(argv)))
 

@@ -400,3 +400,21 @@ def test_a_crash_while_one_start_runs_loses_nothing_and_doubles_nothing(host: Ho
     host.sync()
     assert all(host.reply(rid)["ok"] for rid in (a, b)) and host.pending() == []  # type: ignore[index]
     assert len(host.running()) == 2 and host.rt.count("run") == 2
+
+
+def test_the_quota_counts_a_start_that_is_still_being_carried_out(tmp_path: Path) -> None:
+    host = Host(tmp_path, max_sidecars=1)
+    req = host.start("slow")
+    running, release = _hold_start_of(host, req)
+    slow = host.write(req)
+    sync = threading.Thread(target=host.sync)
+    sync.start()
+    try:
+        assert running.wait(10)
+        late = host.write(host.start("late"))  # decided while the first start runs
+        r = _wait_reply(host, late)
+        assert r["ok"] is False and r["error"]["code"] == "quota", r
+    finally:
+        release.set()
+        sync.join(30)
+    assert _wait_reply(host, slow)["ok"] and len(host.running()) == 1

@@ -54,7 +54,7 @@ def _policy(monkeypatch: pytest.MonkeyPatch, data_dirs: tuple[str, ...]) -> tupl
                             data_dirs=data_dirs)
     policy = Policy(Config(channels={"neutron": channel}), host_ns=())
     # The namespaces of the recording do not exist here; the pattern check is what is under test.
-    monkeypatch.setattr(Policy, "check_netns", lambda self, profile, netns: (
+    monkeypatch.setattr(Policy, "check_netns", lambda self, profile, netns, resolve=True: (
         f"/run/netns/{netns}" if profile.netns_pattern and netns and profile.netns_pattern.fullmatch(netns)
         else (_ for _ in ()).throw(PolicyDenied(f"netns {netns!r}"))))
     return policy, channel
