@@ -171,8 +171,29 @@ def serial_latencies(bench: Bench, n: int) -> dict[str, list[float]]:
     return out
 
 
+def cold_latencies(bench: Bench, n: int, pause: float) -> dict[str, list[float]]:
+    """One request at a time with `pause` seconds between (longer than the sync's linger): each is
+    served by a fresh activation of the sync service, a Python start included."""
+    nss = bench.netns(n)
+    out: dict[str, list[float]] = {"start": [], "hup": []}
+    for ns in nss:
+        time.sleep(pause)
+        t0 = time.monotonic()
+        pid = bench.submit(bench.start_request(ns))["pid"]
+        out["start"].append(time.monotonic() - t0)
+        time.sleep(pause)
+        t0 = time.monotonic()
+        bench.submit(client.signal_request("HUP", pid=pid, profile="dnsmasq"))
+        out["hup"].append(time.monotonic() - t0)
+    return out
+
+
 def cli_env(bench: Bench) -> dict[str, str]:
-    return dict(os.environ, SAFESPAWN_CONFIG=str(bench.b.config_path))
+    """As the units run `safespawn` on a host: with the installed package's bytecode (a test
+    environment's PYTHONDONTWRITEBYTECODE would make each process compile safespawn anew)."""
+    env = dict(os.environ, SAFESPAWN_CONFIG=str(bench.b.config_path))
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    return env
 
 
 def timed_cli(bench: Bench, *args: str) -> tuple[float, int]:
@@ -303,13 +324,19 @@ def systemd_mode(bench: Bench, args: argparse.Namespace) -> None:
                    what="the path unit")
         r = side_by_side(bench, args.n, "sd")
         lat = serial_latencies(bench, args.serial)
-        how = f"`safespawn sync {args.sync_args} CH`" if args.sync_args else "the default units (`safespawn sync CH`)"
+        cold = cold_latencies(bench, args.cold, 3.0) if args.cold else {}
+        how = f"`safespawn sync {args.sync_args} CH`" if args.sync_args else \
+            "the installed units (`safespawn sync --quick --linger=2 CH`)"
         print_side_by_side(f"Through the systemd units, {how}", args.n, r)
         print(f"\n| serial, request-to-reply (n = {args.serial}) | p50 | p95 |\n|---|---|---|")
         for key, what in (("start", "start a new sidecar through systemd"), ("podman_run", "`podman run -d` alone"),
                           ("hup", "HUP a running sidecar through systemd"),
                           ("podman_kill", "`podman kill --signal HUP` alone")):
             print(f"| {what} | {pct(lat[key], 50):.3f} s | {pct(lat[key], 95):.3f} s |")
+        for key, what in (("start", "start, 3 s after the last request (a fresh activation)"),
+                          ("hup", "HUP, 3 s after the last request (a fresh activation)")):
+            if cold:
+                print(f"| {what}, n = {args.cold} | {pct(cold[key], 50):.3f} s | {pct(cold[key], 95):.3f} s |")
     finally:
         m.stop()
 
@@ -320,6 +347,8 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=100, help="starts and HUPs, 4 at a time")
     ap.add_argument("--serial", type=int, default=20, help="requests one at a time, for latencies")
     ap.add_argument("--scale", type=int, default=300, help="sidecars for the scale and recovery run")
+    ap.add_argument("--cold", type=int, default=5,
+                    help="systemd mode: requests 3 s apart (each a fresh activation), for latencies")
     ap.add_argument("--sync-args", default="", help="systemd mode: arguments of the sync service")
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="safespawn-bench-np-"))

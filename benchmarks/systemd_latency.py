@@ -137,10 +137,17 @@ def main() -> int:
                    timeout=60, what="the sync service to finish")
         burst_activations = activations() - before
 
+        # Nothing lost, nothing doubled: one running sidecar per key.
+        running = subprocess.run(["podman", "ps", "--filter", f"label=safespawn.channel={b.channel}",
+                                  "--format", "{{.Names}}"], check=True, capture_output=True, text=True,
+                                 timeout=120).stdout.split()
+        assert len(running) == len(set(running)) == args.serial + args.burst, len(running)
+
         # 3. baseline, after: the same `podman run -d` command lines alone (also run before, above).
         serial_podman2, burst_podman2 = baseline()
         n, s = args.burst, args.serial
-        print("\n## Through systemd: `systemd --user`, path unit -> oneshot `safespawn sync` (sleeper sidecars)\n")
+        print("\n## Through systemd: `systemd --user`, path unit -> oneshot `safespawn sync --quick --linger` "
+              "(sleeper sidecars)\n")
         print("| measure | value |\n|---|---|")
         print(f"| serial, new sidecar (n = {s}): request-to-reply p50 / p95 | "
               f"{pct(new, 50):.2f} s / {pct(new, 95):.2f} s |")
@@ -156,6 +163,8 @@ def main() -> int:
         print(f"| burst: activations of the sync service | {burst_activations} |")
         print(f"| podman alone: the same {n} `podman run -d`, 4 at a time, before / after | {burst_podman_4:.2f} s "
               f"({n / burst_podman_4:.1f}/s) / {burst_podman2:.2f} s ({n / burst_podman2:.1f}/s) |")
+        print(f"| ratio: burst through systemd / mean of podman alone before and after | "
+              f"{burst_wall / ((burst_podman_4 + burst_podman2) / 2):.2f}x |")
         print(f"| one `safespawn sync CH` run with nothing to do, by hand (n = {s}): p50 / p95 | "
               f"{pct(idle, 50):.2f} s / {pct(idle, 95):.2f} s |")
         print(f"\nload average at the end: {Path('/proc/loadavg').read_text().split()[:3]}")

@@ -18,7 +18,6 @@ The channel contract (see docs/channel.md):
 import errno
 import json
 import os
-import secrets
 import sys
 import time
 from typing import Any, Dict, List, Optional, Tuple
@@ -39,7 +38,7 @@ class NoBroker(Exception):
 
 
 def new_id() -> str:
-    return secrets.token_hex(16)
+    return os.urandom(16).hex()
 
 
 def start_request(profile: str, argv: List[str], netns: Optional[str] = None) -> Dict[str, Any]:

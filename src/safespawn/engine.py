@@ -33,9 +33,8 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import metrics, pidsignal, rollout
 from .audit import AuditLog
@@ -61,8 +60,14 @@ from .runtime import Container, Runtime, make_runtime
 from .sidecar import LABEL_CHANNEL, LABEL_KEY, LABEL_NETNS, LABEL_PROFILE, LABEL_SPEC, SidecarSpec, sidecar_key
 from .state import ChannelState, Claim, DesiredSidecar, Done
 
+if TYPE_CHECKING:
+    from concurrent.futures import Future, ThreadPoolExecutor
+
 log = logging.getLogger(__name__)
 BATCH = 256
+# A quick sync that changed nothing (signals only) skips reconcile and status if the channel's last
+# sync in this process ran to the end less than this many seconds ago.
+QUICK_CONVERGED_FOR = 1.0
 # The id of a listing entry for a container this batch started (its real id and pid come later).
 STARTED_IN_BATCH = "(started in this batch)"
 
@@ -689,6 +694,8 @@ class Reconciler:
                     audit.record("reconcile", d.request_id, f"respawn of {spec.name} failed: {e.message}",
                                  sidecar=spec.name)
 
+        from concurrent.futures import ThreadPoolExecutor  # only a sync that respawns pays for the import
+
         chunk = 4 * self.workers
         with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="safespawn-respawn") as pool:
             for n in range(0, len(to_start), chunk):
@@ -806,6 +813,7 @@ class Engine:
         self.pid_files = PidFileKeeper()
         self.reconciler = Reconciler(self.runtime, self.policy, clock, self.pid_files, b.parallel_starts,
                                      b.start_settle_ms)
+        self._converged: dict[str, float] = {}  # channel -> when a sync of it last ran to the end
 
     def sync_all(self) -> list[SyncResult]:
         return [self.sync(name) for name in sorted(self.config.channels)]
@@ -827,7 +835,16 @@ class Engine:
                     for what, where in chan.repaired:
                         s.audit.record("quarantine", None, f"{what} was not a plain directory: moved aside and "
                                        "laid out again", code="bad_request", file=where)
+                    before = dict(state.desired)
                     _Pipeline(self, s, chan).run()
+                    last = self._converged.get(name)
+                    if not full and s.result.handled and not s.result.errors and state.desired == before \
+                            and last is not None and time.monotonic() - last < QUICK_CONVERGED_FOR:
+                        # Only signals (or starts of what runs): nothing to publish, and the channel
+                        # was reconciled and published moments ago. Under a stream of HUPs that
+                        # happens at most once a second, so a HUP does not pay for the channel's size.
+                        s.result.ok = True
+                        return s.result
                     self.reconciler.reconcile(s, serve=lambda: _Pipeline(self, s, chan).run())
                     vouched = s.vouched() if not s.snapshot.fetched else {}
                     if not s.snapshot.fetched and len(vouched) == len(state.desired):
@@ -845,6 +862,7 @@ class Engine:
                     chan.prune_tmp()
                     chan.prune_quarantine()
                     state.compact()
+                    self._converged[name] = time.monotonic()
                     s.result.ok = True  # ran to the end (respawn failures have their own counter)
             except ChannelUnsafe as e:
                 # The channel's layout was tampered with: serve nothing through it, but still keep
@@ -1079,6 +1097,8 @@ class _Pipeline:
                 self._publish([(self._job(group, containers), containers)], [p.incoming for p in group])
                 continue
             if self.pool is None:
+                from concurrent.futures import ThreadPoolExecutor  # only a sync with work pays for it
+
                 self.pool = ThreadPoolExecutor(max_workers=self.e.workers, thread_name_prefix="safespawn-act")
             self.busy.add(target)
             self.jobs[self.pool.submit(self._job, group, containers)] = (target, containers)
@@ -1103,6 +1123,8 @@ class _Pipeline:
 
     def _collect(self) -> None:
         """Publish the jobs that finished; wait for one at most _POLL (new requests may come)."""
+        from concurrent.futures import FIRST_COMPLETED, wait
+
         done, _ = wait(list(self.jobs), timeout=_POLL if self.budget > 0 else None, return_when=FIRST_COMPLETED)
         finished = []
         for f in done:

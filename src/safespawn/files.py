@@ -8,7 +8,6 @@ is fsync'd before it is published by rename.
 from __future__ import annotations
 
 import os
-import secrets
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -30,7 +29,7 @@ def atomic_write(dir_fd: int, name: str, data: bytes, mode: int = 0o644, fsync: 
 
     The rename replaces whatever `name` was, including a planted symlink, without following it.
     """
-    tmp = f".{name}.{secrets.token_hex(6)}.tmp"
+    tmp = f".{name}.{os.urandom(6).hex()}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dir_fd)
     try:
         os.fchmod(fd, mode)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import secrets
 import stat
 import time
 from collections.abc import Iterator, Sequence
@@ -97,7 +96,7 @@ def write_pid_file(path: str, pid: int, data_dirs: Sequence[str]) -> None:
         # DENY: a directory at the path; rename would fail on it, and the program could not use it either.
         if st is not None and stat.S_ISDIR(st.st_mode):
             raise PidFileRefused(f"{path[:120]!r} is a directory")
-        tmp = f".{name[:64]}.safespawn-{secrets.token_hex(6)}"
+        tmp = f".{name[:64]}.safespawn-{os.urandom(6).hex()}"
         # O_EXCL|O_NOFOLLOW: a fresh inode of our own, whatever was planted under a guessed name.
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
                      dir_fd=dfd)

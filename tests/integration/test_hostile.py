@@ -813,8 +813,8 @@ class SwapToHostNetns(PodmanRuntime):
     """Swaps the checked netns for the host's between the policy check and `podman run` (the race an
     agent would try to win), to prove the post-start verification."""
 
-    def __init__(self, path: Path) -> None:
-        super().__init__()
+    def __init__(self, path: Path, pid_dir: str | None = None) -> None:
+        super().__init__(pid_dir=pid_dir)
         self.path = path
 
     def run(self, spec):  # type: ignore[no-untyped-def]
@@ -823,12 +823,15 @@ class SwapToHostNetns(PodmanRuntime):
         return super().run(spec)
 
 
-def test_a_netns_swapped_for_the_hosts_after_the_check_is_caught_after_start(b, host):
+@pytest.mark.parametrize("proc_path", [True, False], ids=["checked-through-proc", "checked-by-inspect"])
+def test_a_netns_swapped_for_the_hosts_after_the_check_is_caught_after_start(b, host, proc_path):
     name = qdhcp()
     path = NETNS_DIR / name
     netlab.netns_add(name)
     try:
-        b._engine = Engine(load_config(str(b.config_path)), runtime=SwapToHostNetns(path))
+        cfg = load_config(str(b.config_path))
+        pid_dir = str(cfg.broker.state_dir) if proc_path else None
+        b._engine = Engine(cfg, runtime=SwapToHostNetns(path, pid_dir))
         req = client.start_request("dnsmasq", dnsmasq_argv(b.data_dir, name), netns=name)
         b.write(req)
         b.sync()

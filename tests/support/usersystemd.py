@@ -44,6 +44,9 @@ class UserManager:
         config_home.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ, XDG_RUNTIME_DIR=str(runtime_dir), XDG_CONFIG_HOME=str(config_home))
         env.pop("DBUS_SESSION_BUS_ADDRESS", None)
+        # The services run as on a host, where the installed package has its bytecode: a test
+        # environment's PYTHONDONTWRITEBYTECODE would make every sync compile safespawn anew.
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
         m = cls(runtime_dir, config_home, env)
         subprocess.run([str(SCRIPT), "start"], env=env, check=True, capture_output=True, timeout=30)
         return m

@@ -418,3 +418,25 @@ def test_the_quota_counts_a_start_that_is_still_being_carried_out(tmp_path: Path
         release.set()
         sync.join(30)
     assert _wait_reply(host, slow)["ok"] and len(host.running()) == 1
+
+
+def test_a_quick_sync_that_only_signalled_skips_reconcile_and_status_right_after_one(
+        host: Host, monkeypatch: pytest.MonkeyPatch) -> None:
+    started = host.ask(host.start("a"))
+    status = host.chdir / "outbox" / "status.json"
+    published = json.loads(status.read_text())["published"]
+    hup = client.signal_request("HUP", pid=started["pid"])
+    rid = host.write(hup)
+    host.sync(full=False)  # within a second of the start's sync: served, nothing else
+    assert host.reply(rid)["ok"]  # type: ignore[index]
+    assert json.loads(status.read_text())["published"] == published
+    # A start changes the desired state: reconciled and published whatever the time.
+    time.sleep(0.01)
+    assert host.ask(host.start("b"))["ok"] and json.loads(status.read_text())["published"] > published
+    published = json.loads(status.read_text())["published"]
+    # Once the last reconcile is older than QUICK_CONVERGED_FOR, a signal-only sync reconciles too.
+    monkeypatch.setattr("safespawn.engine.QUICK_CONVERGED_FOR", 0.0)
+    time.sleep(0.01)
+    rid = host.write(client.signal_request("HUP", pid=started["pid"]))
+    host.sync(full=False)
+    assert host.reply(rid)["ok"] and json.loads(status.read_text())["published"] > published  # type: ignore[index]
