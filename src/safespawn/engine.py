@@ -306,10 +306,13 @@ def decide(policy: Policy, s: _Sync, incoming: list[Incoming], containers: dict[
 
 
 class Actor:
-    """Carries one decision out through the runtime (the pipeline runs several at once, one per sidecar)."""
+    """Carries one decision out through the runtime (the pipeline runs several at once, one per
+    sidecar). At most `parallel` of those runtime calls run at once (`broker.parallel_starts`); the
+    wait for a new program's start-up (Verifier) holds no slot, so starts overlap their settles."""
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, parallel: int = 4) -> None:
         self.runtime = runtime
+        self.slots = threading.BoundedSemaphore(max(1, parallel))
 
     def act(self, s: _Sync, p: Planned, containers: dict[str, Container]) -> Acted:
         """The decision's effect, or the runtime's failure as the reply."""
@@ -317,7 +320,8 @@ class Actor:
         if d is None:
             return Acted(p.incoming, None, p.refusal)
         try:
-            return self._one(s, p.incoming, d, containers)
+            with self.slots:
+                return self._one(s, p.incoming, d, containers)
         except SafespawnError as e:
             if isinstance(e, RuntimeFailed):
                 s.snapshot.invalidate()  # what the failed call left behind is unknown
@@ -806,8 +810,9 @@ class Engine:
         self.runtime: Runtime = runtime or make_runtime(b)
         self.policy = policy or Policy(config)
         self.clock = clock
-        self.actor = Actor(self.runtime)
-        self.workers = max(1, b.parallel_starts)
+        self.actor = Actor(self.runtime, b.parallel_starts)
+        # Jobs at once: parallel_starts runtime calls (Actor.slots), the rest waiting for start-ups.
+        self.workers = 4 * max(1, b.parallel_starts)
         self.verifier = Verifier(self.runtime, self.policy, b.start_settle_ms)
         # The host writes the pid files Neutron reads, with host pids (docs/neutron.md, "Pid files").
         self.pid_files = PidFileKeeper()
@@ -1132,9 +1137,11 @@ class _Pipeline:
             self.busy.discard(target)
             try:
                 outs = f.result()
-            except Exception as exc:  # noqa: BLE001 - a bug in a job must not leave its agents waiting
+            except Exception:
+                # A bug, not a runtime failure (those are replies): the sync fails; the requests
+                # stay claimed, and the next sync answers them as interrupted ones.
                 log.exception("serving requests for %s failed", target)
-                raise exc
+                raise
             finished.append((outs, containers))
         if finished:
             self._publish(finished, [o.incoming for outs, _ in finished for o in outs])

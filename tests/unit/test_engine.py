@@ -440,3 +440,23 @@ def test_a_quick_sync_that_only_signalled_skips_reconcile_and_status_right_after
     rid = host.write(client.signal_request("HUP", pid=started["pid"]))
     host.sync(full=False)
     assert host.reply(rid)["ok"] and json.loads(status.read_text())["published"] > published  # type: ignore[index]
+
+
+def test_at_most_parallel_starts_runtime_calls_run_at_once(tmp_path: Path) -> None:
+    host = Host(tmp_path)
+    host.engine.actor.slots = threading.BoundedSemaphore(2)  # as parallel_starts = 2
+    lock, now, most = threading.Lock(), [0], [0]
+
+    def slow_run(_name: str) -> None:
+        with lock:
+            now[0] += 1
+            most[0] = max(most[0], now[0])
+        time.sleep(0.05)
+        with lock:
+            now[0] -= 1
+
+    host.rt.inject("run", hook=slow_run, times=8)
+    rids = [host.write(host.start(f"k{i}")) for i in range(8)]
+    host.sync()
+    assert all(host.reply(r)["ok"] for r in rids)  # type: ignore[index]
+    assert most[0] == 2, most
