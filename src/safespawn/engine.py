@@ -627,7 +627,7 @@ class Reconciler:
                 self.pid_files.refresh(s.channel.data_dirs, audit, spec, c.pid)
                 ident = d.identity
                 if d.failures or ident is None or (ident.pid, ident.container_id) != (c.pid, c.id) \
-                        or d.spec_hash != spec.spec_hash or d.started_at != c.started \
+                        or d.spec_hash != spec.spec_hash or not d.started_at \
                         or not pidsignal.is_alive(ident):
                     # Running, but not as recorded (restarted by the runtime, recorded by an older
                     # version, or a stale record): record the process it runs as now.
@@ -781,6 +781,11 @@ def status_of(name: str, state: ChannelState, containers: dict[str, Container], 
     for d in sorted(state.desired.values(), key=lambda d: d.name):
         c = containers.get(d.name)
         running = c is not None and c.running
+        # The start time as recorded when the record names this very process (the /proc check of a
+        # start and podman's listing may round it to different seconds): a generation must not
+        # change between a quick and a full sync of the same process.
+        started = d.started_at if c is not None and running and d.started_at and \
+            (d.container_id, d.pid) == (c.id, c.pid) else (c.started if c is not None else 0)
         sidecars.append({
             "name": d.name, "profile": d.profile, "netns": d.netns,
             "key": sidecar_key(d.name, name, d.profile),
@@ -788,8 +793,8 @@ def status_of(name: str, state: ChannelState, containers: dict[str, Container], 
             "started": int(d.since), "restarts": d.failures, "outdated": d.name in outdated,
             # Changes whenever the running process is replaced (a new container, a runtime
             # restart, a broker respawn): what an agent compares to see a restart.
-            "generation": f"{c.id[:12]}-{c.started}-{c.pid}" if c and running else None,
-            "process_started": c.started if c and running else None,
+            "generation": f"{c.id[:12]}-{started}-{c.pid}" if c and running else None,
+            "process_started": started if c and running else None,
         })
     now = time.time()
     st = {"v": 1, "channel": name, "updated": int(now), "published": round(now, 3),

@@ -306,12 +306,14 @@ def test_a_new_sidecar_is_checked_through_proc_without_a_listing_or_an_inspect(
     assert oct(pids.stat().st_mode & 0o777) == "0o700"
     assert (pids / f"{r['sidecar']}.pid").read_text().strip() == str(r["pid"])
     # The status an agent reads right after, from the record (quick) and from the listing (full),
-    # names the same process generation.
+    # names the same process generation, even where the two round its start to different seconds.
+    tamper_desired(b, r["sidecar"], started_at=recorded["started_at"] - 1)
     b.engine.sync(b.channel, full=False)
     quick = json.loads((b.channel_dir() / "outbox" / "status.json").read_text())["sidecars"][0]
     b.sync()
     full = json.loads((b.channel_dir() / "outbox" / "status.json").read_text())["sidecars"][0]
     assert quick["generation"] == full["generation"] and quick["pid"] == full["pid"] == r["pid"]
+    assert quick["process_started"] == full["process_started"] == recorded["started_at"] - 1
     # Stopping the sidecar removes its pid file.
     assert b.request(client.stop_request("nsleeper", netns=netns))["ok"]
     assert not (pids / f"{r['sidecar']}.pid").exists()
