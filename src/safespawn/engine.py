@@ -423,6 +423,8 @@ class Verifier:
         c = self._through_proc(a) if a.started else None
         if c is None:
             if a.started:
+                # The settle (or its rest, when /proc already showed the process gone): the runtime
+                # records the exit, and its restart policy acts, before the inspect looks.
                 self._await_start_up(a, None)
             c = self.runtime.inspect([name]).get(name)
             if c is not None and a.started and a.pid > 0 and c.pid != a.pid:
@@ -1039,7 +1041,8 @@ class _Pipeline:
         r = i.request
         try:
             if r.op == "start":
-                return self.e.policy.authorize_start(self.s.channel, r).name
+                # The name only: the gate (decide) runs the full checks once, right after.
+                return self.e.policy.configured_spec(self.s.channel, r).name
             if r.pid is None:
                 return self.e.policy.target_name(self.s.channel, r)
         except SafespawnError:

@@ -609,7 +609,7 @@ class Policy:
         self.host_ns = frozenset(host_netns_ids() if host_ns is None else host_ns)
         self.profiles: dict[str, Profile] = dict(profiles or {})
         # configured_spec's answers: a pure function of the configuration, which a Policy never changes.
-        self._configured: dict[tuple[str, str, str | None, tuple[str, ...]], SidecarSpec] = {}
+        self._configured: dict[tuple[str, str | None, str | None, tuple[str, ...]], SidecarSpec] = {}
         if profiles is None:
             for ch in config.channels.values():
                 for name in ch.profiles:
@@ -733,15 +733,16 @@ class Policy:
         """
         return self._spec(channel, desired.profile, desired.netns, desired.argv)
 
-    def configured_spec(self, channel: ChannelConfig, desired: DesiredSidecar) -> SidecarSpec:
-        """The spec the configuration gives a desired sidecar now, without the checks that depend
-        on the filesystem (its netns still there, no symlink in its paths): what `status` compares
-        a running container with, and where the quick reconcile keeps the pid files. Never what a
-        container is started from (that is authorize_start / authorize_respawn)."""
-        key = (channel.name, desired.profile, desired.netns, desired.argv)
+    def configured_spec(self, channel: ChannelConfig, wanted: DesiredSidecar | Request) -> SidecarSpec:
+        """The spec the configuration gives a desired sidecar (or a start request) now, without the
+        checks that depend on the filesystem (its netns still there, no symlink in its paths): what
+        `status` compares a running container with, where the quick reconcile keeps the pid files,
+        which sidecar a start is for. Never what a container is started from (that is
+        authorize_start / authorize_respawn)."""
+        key = (channel.name, wanted.profile, wanted.netns, wanted.argv)
         spec = self._configured.get(key)
         if spec is None:
-            spec = self._spec(channel, desired.profile, desired.netns, desired.argv, resolve=False)
+            spec = self._spec(channel, wanted.profile, wanted.netns, wanted.argv, resolve=False)
             if len(self._configured) >= 8192:
                 self._configured.clear()  # bounded: a policy lives as long as its configuration
             self._configured[key] = spec

@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import Any
 
 from ..errors import RuntimeFailed
+from ..pidfiles import read_pid_file
 from ..sidecar import LABEL_CHANNEL, SidecarSpec
 from .base import Container
 
@@ -139,8 +140,9 @@ class PodmanRuntime:
         self._pids.pop(spec.name, None)
         pidfile = self._pidfile(spec)
         cid = self._run(run_argv(spec, self.podman, pidfile)[1:]).strip()
-        if pidfile is not None:
-            self._pids[spec.name] = _read_pid(pidfile)
+        if pidfile is not None and self.pid_dir is not None:
+            # Walked to from the state dir without following a link; a plain, singly linked file.
+            self._pids[spec.name] = read_pid_file(pidfile, [self.pid_dir]) or 0
         return cid
 
     def run_pid(self, name: str) -> int:
@@ -215,20 +217,6 @@ class PodmanRuntime:
         except (OSError, subprocess.TimeoutExpired):
             return ""
         return (p.stdout + p.stderr).strip()
-
-
-def _read_pid(path: str) -> int:
-    """The pid `podman run --pidfile` wrote; 0 if there is none."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        try:
-            raw = os.read(fd, 32)
-        finally:
-            os.close(fd)
-    except OSError:
-        return 0
-    text = raw.decode("ascii", "replace").strip()
-    return int(text) if text.isdigit() and 0 < int(text) < 1 << 22 else 0
 
 
 _RFC3339 = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.\d+)?(Z|[+-]\d\d:\d\d)")
