@@ -14,6 +14,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .client import NoBroker
     from .config import ChannelConfig, Config, load_config, parse_config
     from .engine import Engine, SyncResult
     from .errors import (
@@ -25,7 +26,6 @@ if TYPE_CHECKING:
         ExitCode,
         InstallError,
         Interrupted,
-        NoBroker,
         NotFound,
         PolicyDenied,
         QuotaExceeded,
@@ -38,10 +38,11 @@ if TYPE_CHECKING:
     from .sidecar import SidecarSpec
 
 _WHERE = {
+    "client": ("NoBroker",),  # the agent side's (client.py); errors.py draws it in the tree
     "config": ("ChannelConfig", "Config", "load_config", "parse_config"),
     "engine": ("Engine", "SyncResult"),
     "errors": ("BadRequest", "ChannelLocked", "ChannelUnsafe", "ConfigError", "ErrorCode", "ExitCode",
-               "InstallError", "Interrupted", "NoBroker", "NotFound", "PolicyDenied", "QuotaExceeded",
+               "InstallError", "Interrupted", "NotFound", "PolicyDenied", "QuotaExceeded",
                "RuntimeFailed", "SafespawnError"),
     "policy": ("Policy", "Profile", "load_profile"),
     "request": ("Reply", "Request", "parse_request"),

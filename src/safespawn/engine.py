@@ -90,6 +90,14 @@ class SyncResult:
     outdated: int = 0
     ok: bool = False  # the sync ran to the end
 
+    def observation(self, duration: float) -> metrics.SyncObservation:
+        """What metrics records of this sync (metrics.py takes the observation, not the result)."""
+        return metrics.SyncObservation(
+            ok=self.ok, duration=duration, finished=time.time(), outcomes=tuple(self.outcomes),
+            respawns=self.respawned, respawn_failures=self.respawn_failed, pending=self.deferred,
+            sidecars=None if self.sidecars is None else tuple(self.sidecars),
+            outdated=None if self.sidecars is None else self.outdated)
+
 
 # -- what the phases hand each other -------------------------------------------------------------
 
@@ -657,7 +665,7 @@ class Reconciler:
             state.save_desired()
         if to_start:
             self._respawn(s, to_start, set(listing), now, serve)
-        rolled = rollout.step(self.runtime, self.policy, s.channel, state, audit, s.result, outdated,
+        rolled = rollout.step(self.runtime, self.policy, s.channel, state, audit, s.result.errors, outdated,
                               workers=self.workers, settle_ms=self.settle_ms)
         if rolled:
             # New containers (the new spec, or the old image after a rollback): new host pids.
@@ -885,7 +893,8 @@ class Engine:
             finally:
                 s.audit.flush()
                 if b.metrics_file is not None:
-                    metrics.record_sync(self.config, s.result, time.monotonic() - t0)
+                    metrics.record(str(b.state_dir), name, self.config.channels, str(b.metrics_file),
+                                   s.result.observation(time.monotonic() - t0))
         return s.result
 
     def status(self, name: str) -> dict[str, Any]:

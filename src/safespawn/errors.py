@@ -18,19 +18,22 @@ locking) are separate: they never become a reply::
     ├── ChannelLocked              another sync holds the channel's lock (`sync --no-wait`: LOCKED)
     ├── InstallError               install/uninstall/rearm cannot proceed; the message says why
     └── NoBroker                   client side: no reply within the timeout (exit code NO_BROKER).
-                                   Defined in client.py, which is copied alone into agent images
-                                   and so imports nothing from here; re-exported by this module.
+                                   Defined in client.py, which runs in the agent and is copied alone
+                                   into agent images, so it imports nothing from here; and this
+                                   host-side module imports nothing from it. `safespawn.NoBroker`
+                                   is the client's class.
+
+The client restates the exit codes it shares with the command line (`EXIT_OK`, `EXIT_FAILED`,
+`EXIT_USAGE`, `EXIT_NO_BROKER`) for the same reason; tests/unit/test_boundary.py pins them equal.
 """
 
 from __future__ import annotations
 
 import enum
 
-from .client import NoBroker
-
 __all__ = [
     "BadRequest", "ChannelLocked", "ChannelUnsafe", "ConfigError", "ErrorCode", "ExitCode", "InstallError",
-    "Interrupted", "NoBroker", "NotFound", "PolicyDenied", "QuotaExceeded", "RuntimeFailed", "SafespawnError",
+    "Interrupted", "NotFound", "PolicyDenied", "QuotaExceeded", "RuntimeFailed", "SafespawnError",
 ]
 
 

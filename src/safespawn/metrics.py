@@ -31,16 +31,11 @@ import fcntl
 import json
 import logging
 import os
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .files import atomic_write, open_dir
-
-if TYPE_CHECKING:
-    from .config import Config
-    from .engine import SyncResult
 
 log = logging.getLogger(__name__)
 
@@ -284,18 +279,6 @@ def record(state_dir: str, channel: str, channel_names: Iterable[str], metrics_f
             write_file(metrics_file, render(chans))
     except OSError as e:
         log.warning("cannot write metrics to %s: %s", metrics_file, e)
-
-
-def record_sync(config: Config, result: SyncResult, duration: float) -> None:
-    """The engine's one call site: turn a SyncResult into an observation and record it."""
-    b = config.broker
-    assert b.metrics_file is not None
-    obs = SyncObservation(ok=result.ok, duration=duration, finished=time.time(), outcomes=tuple(result.outcomes),
-                          respawns=result.respawned, respawn_failures=result.respawn_failed,
-                          pending=result.deferred,
-                          sidecars=None if result.sidecars is None else tuple(result.sidecars),
-                          outdated=None if result.sidecars is None else result.outdated)
-    record(str(b.state_dir), result.channel, config.channels, str(b.metrics_file), obs)
 
 
 def write_file(path: str, text: str) -> None:

@@ -43,8 +43,7 @@ from . import pidfiles
 from .config import ChannelConfig, Config
 from .errors import BadRequest, ConfigError, Interrupted, NotFound, PolicyDenied, QuotaExceeded
 from .request import SIGNALS, Request, has_control_char
-from .runtime.base import Container
-from .sidecar import LABEL_PROFILE, SidecarSpec, sidecar_name
+from .sidecar import LABEL_PROFILE, Container, SidecarSpec, sidecar_name
 from .state import DesiredSidecar, LedgerEntry
 
 NS_GET_NSTYPE = 0xB703  # ioctl on an nsfs file: which kind of namespace it is

@@ -32,7 +32,6 @@ from .files import atomic_write, open_dir
 if TYPE_CHECKING:
     from .audit import AuditLog
     from .config import ChannelConfig, Config
-    from .engine import SyncResult
     from .policy import Policy
     from .runtime import Container, Runtime
     from .sidecar import SidecarSpec
@@ -81,7 +80,7 @@ def config_id(policy: Policy, channel: ChannelConfig) -> str:
 
 
 def step(runtime: Runtime, policy: Policy, channel: ChannelConfig, state: ChannelState, audit: AuditLog,
-         result: SyncResult, outdated: list[tuple[DesiredSidecar, SidecarSpec, Container]], workers: int = 4,
+         errors: list[str], outdated: list[tuple[DesiredSidecar, SidecarSpec, Container]], workers: int = 4,
          settle_ms: int = 200) -> list[SidecarSpec]:
     """Called by reconcile with the running sidecars whose spec changed; replaces one batch at most.
 
@@ -123,7 +122,7 @@ def step(runtime: Runtime, policy: Policy, channel: ChannelConfig, state: Channe
                       "back to their old image; rollout stopped: " + "; ".join(f"{k}: {v}" for k, v in
                                                                            sorted(failed.items())))[:2000]
         audit.record("rollout", None, ro.message)
-        result.errors.append(ro.message)
+        errors.append(ro.message)
     elif ro.replaced >= ro.total or len(ok) == len(outdated):
         ro.state, ro.message = "done", f"all {ro.total} sidecar(s) replaced in {ro.batches} batch(es)"
         audit.record("rollout", None, ro.message)

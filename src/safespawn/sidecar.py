@@ -1,4 +1,5 @@
-"""What a sidecar is: the container spec the policy builds and the runtime runs.
+"""What a sidecar is: the container spec the policy builds and the runtime runs, and the container
+the runtime reports back.
 
 A sidecar is identified by (channel, profile, key): the key is the netns name, or a value the
 profile extracts from argv when it runs without a netns. Its container name and labels are derived
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from functools import cached_property
 
 LABEL_CHANNEL = "safespawn.channel"
@@ -70,3 +71,27 @@ class SidecarSpec:
             LABEL_NETNS: self.netns or "",
             LABEL_SPEC: self.spec_hash,
         }
+
+
+@dataclass(frozen=True)
+class Container:
+    """A container as the runtime lists it. Defined here, beside the spec, so that the policy (which
+    judges requests against the channel's containers) needs nothing from the runtime package."""
+
+    id: str
+    name: str
+    state: str  # podman's words: running, exited, created, stopped, paused, ...
+    pid: int
+    labels: dict[str, str] = field(default_factory=dict)
+    started: int = 0  # unix seconds
+    exit_code: int = 0
+    restarts: int = 0  # restarts by the runtime's own restart policy (known from inspect only)
+    image: str = ""  # the image reference it was created from (a rollback returns to it)
+
+    @property
+    def running(self) -> bool:
+        return self.state == "running" and self.pid > 0
+
+    @property
+    def spec_hash(self) -> str:
+        return self.labels.get(LABEL_SPEC, "")

@@ -13,7 +13,7 @@ import pytest
 from safespawn import rollout
 from safespawn.audit import AuditLog
 from safespawn.config import parse_config
-from safespawn.engine import Engine, SyncResult
+from safespawn.engine import Engine
 from safespawn.errors import RuntimeFailed
 from safespawn.runtime import Container
 from safespawn.sidecar import SidecarSpec
@@ -102,7 +102,7 @@ def outdated(rt: FakeRuntime, state: ChannelState, image: str = "img:new"):
 def step(engine, rt, state, image="img:new"):
     b = engine.config.broker
     rollout.step(engine.runtime, engine.policy, engine.config.channel("c"), state, AuditLog(state.audit_path, "c"),
-                 SyncResult("c"), outdated(rt, state, image), workers=b.parallel_starts, settle_ms=b.start_settle_ms)
+                 [], outdated(rt, state, image), workers=b.parallel_starts, settle_ms=b.start_settle_ms)
     return json.loads(open(state.path + "/rollout.json").read())
 
 

@@ -1,33 +1,14 @@
-"""The runtime interface the engine drives."""
+"""The runtime interface the engine drives. `Container` (what a runtime reports) lives in
+sidecar.py, beside `SidecarSpec` (what it runs), and is re-exported here."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Protocol
 
-from ..sidecar import LABEL_SPEC, SidecarSpec
+from ..sidecar import Container, SidecarSpec
 
-
-@dataclass(frozen=True)
-class Container:
-    id: str
-    name: str
-    state: str  # podman's words: running, exited, created, stopped, paused, ...
-    pid: int
-    labels: dict[str, str] = field(default_factory=dict)
-    started: int = 0  # unix seconds
-    exit_code: int = 0
-    restarts: int = 0  # restarts by the runtime's own restart policy (known from inspect only)
-    image: str = ""  # the image reference it was created from (a rollback returns to it)
-
-    @property
-    def running(self) -> bool:
-        return self.state == "running" and self.pid > 0
-
-    @property
-    def spec_hash(self) -> str:
-        return self.labels.get(LABEL_SPEC, "")
+__all__ = ["Container", "Runtime"]
 
 
 class Runtime(Protocol):
