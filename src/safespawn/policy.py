@@ -1,4 +1,4 @@
-"""Host policy: every security decision about a request is made here, and only here.
+"""Host policy: every decision about what a request may do is made here.
 
 There is one gate, `Policy.decide`: it takes a request together with what the channel has now (a
 `ChannelView`: its containers and its desired sidecars) and returns a typed decision -- `Start(spec)`,
@@ -21,6 +21,13 @@ A request chooses among what the host configured; it never adds to it.
   process of that sidecar's own pid namespace (`sidecar_for_pid`).
 
 Each branch carries an ALLOW or DENY comment naming the attack it stops.
+
+Decided elsewhere, where the data is: whether an inbox entry may be read (inbox.py), whether the
+bytes are a request (request.py), whether a recorded pid still names the sidecar (pidsignal.py),
+where a pid file may be written (pidfiles.py); and in engine.py, that a run is flooded (before
+`flood_excess` picks the requests to refuse), the per-run bound `max_requests_per_run`, that a
+container of another channel under a sidecar's name is never replaced, and that a start whose
+program exited is a failure. docs/architecture.md lists each.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 ansible-core from PyPI (scripts/ansible-venv, cached under /var/tmp) plays the role against this machine
 (`connection: local`) with every path redirected into a temp dir and the systemd scope switched to a
-real `systemd --user` manager of the test's own (TESTBED.md). The package comes from a wheel built from
+real `systemd --user` manager of the test's own (docs/testbed.md). The package comes from a wheel built from
 this repo. Then:
 
 - a request from a generated wrapper, run under `ip netns exec` in a real netns, is served by systemd

@@ -1,6 +1,6 @@
 """`safespawn adopt` takes over sidecars that today's wrappers started, with real podman and real DHCP.
 
-The legacy sidecars are made the way the wrappers make them (TESTBED.md): TripleO/EDPM's
+The legacy sidecars are made the way the wrappers make them (docs/testbed.md): TripleO/EDPM's
 `nsenter --net=/run/netns/NS podman run --detach --net host --pid host --cgroupns host --privileged
 -u root --name neutron-dnsmasq-NS IMAGE dnsmasq -k ...`, and kolla's `--rm --privileged --pid host`
 containers named `<agent>_<proc>_<NS>` that enter the netns with `ip netns exec`. Neutron 29's own

@@ -4,7 +4,7 @@
         d.docker("ps")                      # the CLI pointed at this daemon only (DOCKER_HOST)
         d.load_image("localhost/safespawn-test:latest")   # podman save | docker load
 
-The daemon runs without iptables, ip6tables or a bridge (TESTBED.md), with safespawn's OCI runtime
+The daemon runs without iptables, ip6tables or a bridge (docs/testbed.md), with safespawn's OCI runtime
 registered as `safespawn` in its own daemon.json (`--config-file`). It is stopped by its own pid at the end and its folders are removed; a
 Docker daemon that was already running on the machine is never contacted (the default socket is
 never used: every CLI call carries DOCKER_HOST).

@@ -1,5 +1,23 @@
-"""Container runtimes. A runtime is a small interface (list, run, signal, stop, remove); podman and
-docker are peers behind it, and `make_runtime` is the one place that picks between them."""
+"""Container runtimes: the interface the engine drives, and its two implementations.
+
+`Runtime` (base.py) is eight methods:
+
+    list(channel=None) -> list[Container]     every safespawn container (of one channel), one call
+    run(spec) -> str                          start a detached container for a SidecarSpec; its id
+    run_pid(name) -> int                      the host pid the last `run` of `name` started, as the
+                                              runtime wrote it (0: unknown, ask `inspect`)
+    signal(name, signal) -> None              deliver a signal by container name
+    stop(name, grace) -> None                 stop (killed after `grace` s), then remove
+    remove(name) -> None                      remove at once; a missing container is not an error
+    logs(name, lines=20) -> str               the last lines of its output (a failed start's reply)
+    inspect(names) -> dict[str, Container]    the named containers that exist, with restart counts
+
+`Container` (what a runtime reports) and `SidecarSpec` (what it runs) live in sidecar.py.
+`PodmanRuntime` (podman.py) and `DockerRuntime` (docker.py, with the OCI runtime in ociruntime.py)
+are peers behind it; `make_runtime` picks the engine's from `[broker] runtime`. (adopt.py's `Cli`
+and checks.py choose which CLI to call on their own.) tests/unit/test_public_surface.py pins the
+method set.
+"""
 
 from typing import TYPE_CHECKING, Any
 
