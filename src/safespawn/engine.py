@@ -1,24 +1,31 @@
 """The sync engine: drain a channel's inbox, act through the runtime, reply, reconcile.
 
-One sync of a channel, under its lock, in phases that each hand a typed value to the next:
+One sync of a channel, under its lock, in phases that each hand a typed value to the next
+(docs/architecture.md, "One sync, phase by phase", walks through them):
 
-    drain, batch by batch until the inbox is empty (or the per-run limit is reached):
+    drain (_Pipeline): take what arrived, decide in rounds, act in one job per sidecar, publish each
+    job as soon as it is done; until the inbox is empty (or the per-run limit is reached):
+      flood      (first take of a run) more than max_pending waiting: refuse the newest beyond it
+                 with `quota`, unread (policy.flood_excess picks them)
       intake     read each entry safely, check its id against the ledger (replay, collision),
                  parse it                                   -> Intake (Incoming + Answered)
       claim      record the ids durably before anything is acted on
-      decide     the policy's one gate, per request, against the channel's view -> Planned
-      act        carry the decisions out through the runtime, in order per sidecar and in
-                 parallel across sidecars                   -> Acted
-      verify     one inspect after the starts: still running, not in the host's netns -> Outcome
+      decide     the policy's one gate, per request, against one view of the channel: what the
+                 recorded processes vouch for, or the runtime's listing when that is not enough
+                                                            -> Planned
+      act        carry the decisions out through the runtime (or a pidfd), in order per sidecar
+                 and in parallel across sidecars            -> Acted
+      verify     after a start: still running, not restarted, not in the host's netns; through
+                 /proc when the runtime wrote the pid, else one inspect -> Outcome
       publish    desired state (durable), ledger "done" with the replies (durable), the replies,
                  then the requests are removed
     reconcile    respawn desired sidecars that died (with backoff), drop those the policy no longer
-                 allows, remove orphans and leftovers of the channel
+                 allows, roll outdated ones (rollout.py), remove orphans and leftovers
     status       outbox/status.json
 
-The channel's containers are listed in one place (`Snapshot`): once for each batch that acts, and
-once for reconcile and status together (so an idle sync lists once). Within a batch the snapshot
-follows what the batch did; a runtime failure makes it stale, and the next use lists again.
+The runtime's listing of the channel (`Snapshot`) is taken only when a round or reconcile needs it;
+a quick sync of a converged channel lists nothing. A runtime failure makes it stale, and the next
+use lists again.
 
 A crash at any step loses nothing: the request stays in the inbox until its reply is durable, and
 the ledger answers a replayed request with its first reply instead of acting twice.
