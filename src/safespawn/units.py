@@ -132,8 +132,10 @@ Environment=SAFESPAWN_CONFIG={conf}
 # --quick: no listing while every sidecar runs as recorded (the timer's sync lists and removes
 # orphans); --linger: serve the next request in this process if it comes within that many seconds.
 ExecStart={exe} sync --quick{linger} %i
-# Sidecars are detached podman containers whose conmon may stay in this unit's cgroup: when the
-# sync exits, only it is stopped, never them.
+# Sidecars are detached podman containers; the broker runs podman so that each conmon leaves this
+# unit's cgroup (docs/operations.md). Defence in depth, for a conmon that stayed anyway (a sidecar
+# started by an older safespawn, podman unable to make conmon's scope): stopping or ending the sync
+# stops only its own process, never a sidecar.
 KillMode=process
 TimeoutStartSec={SYNC_TIMEOUT}
 SyslogIdentifier=safespawn-sync

@@ -16,6 +16,7 @@ from typing import Any
 from ..errors import RuntimeFailed
 from ..pidfiles import read_pid_file
 from ..sidecar import LABEL_CHANNEL, SidecarSpec
+from . import conmon
 from .base import Container
 
 log = logging.getLogger(__name__)
@@ -74,12 +75,16 @@ class PodmanRuntime:
         self.pid_dir = pid_dir
         self._pids: dict[str, int] = {}
         self._ready: set[str] = set()
+        # Without $INVOCATION_ID, so that podman gives each conmon a cgroup of its own even when the
+        # broker runs as a systemd service (runtime/conmon.py).
+        self._env = conmon.podman_env()
+        self._cgroup_mounts: dict[str, str] | None = None
 
     def _run(self, args: list[str], timeout: float | None = None, check: bool = True) -> str:
         argv = [self.podman, *args]
         try:
             p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout or self.timeout,
-                               check=False, stdin=subprocess.DEVNULL)
+                               check=False, stdin=subprocess.DEVNULL, env=self._env)
         except subprocess.TimeoutExpired:
             raise RuntimeFailed(f"podman {args[0]} timed out after {timeout or self.timeout}s") from None
         except OSError as e:
@@ -140,10 +145,19 @@ class PodmanRuntime:
         self._pids.pop(spec.name, None)
         pidfile = self._pidfile(spec)
         cid = self._run(run_argv(spec, self.podman, pidfile)[1:]).strip()
+        self._release_conmon()
         if pidfile is not None and self.pid_dir is not None:
             # Walked to from the state dir without following a link; a plain, singly linked file.
             self._pids[spec.name] = read_pid_file(pidfile, [self.pid_dir]) or 0
         return cid
+
+    def _release_conmon(self) -> None:
+        """cgroup v1 with podman's cgroupfs manager: podman leaves conmon in our cgroup in the
+        hierarchies systemd tracks units with; move it on to where podman put it in the others."""
+        if self._cgroup_mounts is None:
+            self._cgroup_mounts = conmon.tracking_mounts()
+        if conmon.release(self._cgroup_mounts):
+            log.debug("moved conmon out of this process's cgroup")
 
     def run_pid(self, name: str) -> int:
         return self._pids.pop(name, 0)
@@ -213,7 +227,8 @@ class PodmanRuntime:
     def logs(self, name: str, lines: int = 20) -> str:
         try:
             p = subprocess.run([self.podman, "logs", f"--tail={lines}", "--", name], capture_output=True,
-                               text=True, timeout=self.timeout, check=False, stdin=subprocess.DEVNULL)
+                               text=True, timeout=self.timeout, check=False, stdin=subprocess.DEVNULL,
+                               env=self._env)
         except (OSError, subprocess.TimeoutExpired):
             return ""
         return (p.stdout + p.stderr).strip()
