@@ -8,6 +8,8 @@ uses its cgroupfs manager; the systemd cgroup manager is the VM tier's (tests/vm
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -103,4 +105,13 @@ def test_the_sync_service_cgroup_holds_no_sidecar_process_and_sidecars_outlive_i
                what="the service to end after its linger")
     assert all(not v for v in procs(cg).values())
     assert len([c for c in b.containers() if c["State"] == "running"]) == 4
+
+    # podman's restart policy restarts a killed sidecar: its new conmon is outside the unit too.
+    os.kill(replies[0]["pid"], signal.SIGKILL)
+    restarted = wait_until(lambda: [c for c in b.containers() if c["Names"] == [replies[0]["sidecar"]]
+                                    and c["State"] == "running" and c["Pid"] not in (0, replies[0]["pid"])],
+                           timeout=30, what="podman to restart the killed sidecar")
+    theirs = cgroups_of(conmon_of(restarted[0]["Pid"]))
+    assert all(not theirs.get(k, "").startswith(cg) for k in TRACKING), theirs
+    assert all(not v for v in procs(cg).values())
 
