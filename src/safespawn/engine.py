@@ -93,6 +93,7 @@ class SyncResult:
     # For metrics: what each answered entry was, failed respawns, the sidecars' (profile, state).
     outcomes: list[metrics.Outcome] = field(default_factory=list)
     respawn_failed: int = 0
+    runtime_restarts: int = 0  # restarts by the runtime's restart policy this sync noticed
     sidecars: list[tuple[str, str]] | None = None
     outdated: int = 0
     ok: bool = False  # the sync ran to the end
@@ -101,7 +102,8 @@ class SyncResult:
         """What metrics records of this sync (metrics.py takes the observation, not the result)."""
         return metrics.SyncObservation(
             ok=self.ok, duration=duration, finished=time.time(), outcomes=tuple(self.outcomes),
-            respawns=self.respawned, respawn_failures=self.respawn_failed, pending=self.deferred,
+            respawns=self.respawned, respawn_failures=self.respawn_failed,
+            runtime_restarts=self.runtime_restarts, pending=self.deferred,
             sidecars=None if self.sidecars is None else tuple(self.sidecars),
             outdated=None if self.sidecars is None else self.outdated)
 
@@ -626,6 +628,7 @@ class Reconciler:
         changed = False
         to_start: list[tuple[DesiredSidecar, SidecarSpec]] = []
         outdated: list[tuple[DesiredSidecar, SidecarSpec, Container]] = []
+        restarted: list[str] = []
         for name, d in list(state.desired.items()):
             c = listing.get(name)
             try:
@@ -650,6 +653,8 @@ class Reconciler:
                     # version, or a stale record): record the process it runs as now.
                     new = replace(d, failures=0, next_retry=0.0).running_as(pidsignal.identify(c.pid, c.id),
                                                                             spec.spec_hash, c.started)
+                    if ident is not None and ident.container_id == c.id and ident.pid != c.pid:
+                        restarted.append(name)  # the same container, a new process: the runtime's restart
                     if new != d:
                         state.desired[name] = new
                         changed = True
@@ -662,6 +667,8 @@ class Reconciler:
             if now < d.next_retry:
                 continue
             to_start.append((d, spec))
+        if restarted and self._count_runtime_restarts(s, restarted):
+            changed = True
         for name, c in list(listing.items()):
             if name not in state.desired:
                 # An orphan of this channel (its request was stopped, or it never became desired),
@@ -692,6 +699,27 @@ class Reconciler:
                         state.desired[r.name] = was.running_as(pidsignal.identify(c.pid, c.id), c.spec_hash,
                                                              c.started)
             state.save_desired()
+
+    def _count_runtime_restarts(self, s: _Sync, names: list[str]) -> bool:
+        """Sidecars the runtime's restart policy restarted since the last sync: their restart
+        counts, from one inspect of just those (the listing has none), recorded for `status` and
+        counted for the metrics. At least one each if the inspect fails."""
+        try:
+            seen = self.runtime.inspect(names)
+        except RuntimeFailed:
+            seen = {}
+        changed = False
+        for name in names:
+            d = s.state.desired.get(name)
+            if d is None:
+                continue
+            c = seen.get(name)
+            count = c.restarts if c is not None and c.id == d.container_id and c.restarts > d.runtime_restarts \
+                else d.runtime_restarts + 1
+            s.result.runtime_restarts += count - d.runtime_restarts
+            s.state.desired[name] = replace(d, runtime_restarts=count)
+            changed = True
+        return changed
 
     def _respawn(self, s: _Sync, to_start: list[tuple[DesiredSidecar, SidecarSpec]], existing: set[str],
                  now: float, serve: Callable[[], None] | None) -> None:
@@ -803,11 +831,17 @@ def status_of(name: str, state: ChannelState, containers: dict[str, Container], 
         # change between a quick and a full sync of the same process.
         started = d.started_at if c is not None and running and d.started_at and \
             (d.container_id, d.pid) == (c.id, c.pid) else (c.started if c is not None else 0)
+        # The runtime's restarts of the current container: inspect's count when `containers` came
+        # from an inspect (`safespawn status`), else as the last sync that noticed one recorded it.
+        runtime_restarts = 0
+        if c is not None:
+            runtime_restarts = max(c.restarts, d.runtime_restarts if c.id == d.container_id else 0)
         sidecars.append({
             "name": d.name, "profile": d.profile, "netns": d.netns,
             "key": sidecar_key(d.name, name, d.profile),
             "state": c.state if c else "absent", "pid": c.pid if c and running else None,
-            "started": int(d.since), "restarts": d.failures, "outdated": d.name in outdated,
+            "started": int(d.since), "restarts": d.failures + runtime_restarts,
+            "respawns": d.failures, "runtime_restarts": runtime_restarts, "outdated": d.name in outdated,
             # Changes whenever the running process is replaced (a new container, a runtime
             # restart, a broker respawn): what an agent compares to see a restart.
             "generation": f"{c.id[:12]}-{started}-{c.pid}" if c and running else None,
@@ -910,6 +944,10 @@ class Engine:
         state.load()
         try:
             containers = Snapshot(self.runtime, name).containers()
+            # The listing has no restart counts: one inspect of the desired sidecars' containers.
+            for n, c in self.runtime.inspect(sorted(n for n in containers if n in state.desired)).items():
+                if n in containers and containers[n].id == c.id:
+                    containers[n] = replace(containers[n], restarts=c.restarts)
         except RuntimeFailed:
             containers = {}
         return status_of(name, state, containers, self.config.broker.reconcile_interval, self.policy,

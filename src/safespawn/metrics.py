@@ -19,6 +19,8 @@ What is exported (docs/operations.md has alert examples):
     safespawn_sidecars_outdated{channel}                   gauge, running an older spec (rollout)
     safespawn_respawns_total{channel}                      counter
     safespawn_respawn_failures_total{channel}              counter
+    safespawn_runtime_restarts_total{channel}              counter, restarts by the runtime's own
+                                                           restart policy that syncs noticed
     safespawn_pending_requests{channel}                    gauge, inbox entries left after the sync
     safespawn_syncs_total{channel,result}                  counter; result = ok | failed
     safespawn_last_success_timestamp_seconds{channel}      gauge, unix time of the last good sync
@@ -96,6 +98,7 @@ class ChannelMetrics:
     sidecars: dict[str, int] = field(default_factory=dict)  # "profile|state" -> count, last sync
     respawns: int = 0
     respawn_failures: int = 0
+    runtime_restarts: int = 0
     pending: int = 0
     outdated: int = 0
     syncs_ok: int = 0
@@ -117,7 +120,8 @@ class ChannelMetrics:
             m.sidecars = {str(k): int(v) for k, v in dict(d.get("sidecars", {})).items()}
             m.sync = Histogram.from_dict(SYNC_BUCKETS, d.get("sync"))
             m.latency = Histogram.from_dict(LATENCY_BUCKETS, d.get("latency"))
-            for k in ("respawns", "respawn_failures", "pending", "outdated", "syncs_ok", "syncs_failed"):
+            for k in ("respawns", "respawn_failures", "runtime_restarts", "pending", "outdated", "syncs_ok",
+                      "syncs_failed"):
                 setattr(m, k, int(d.get(k, 0)))
             m.last_success = float(d.get("last_success", 0.0))
         except (TypeError, ValueError):
@@ -127,6 +131,7 @@ class ChannelMetrics:
     def to_dict(self) -> dict[str, Any]:
         return {"v": 1, "requests": self.requests, "sync": self.sync.to_dict(), "latency": self.latency.to_dict(),
                 "sidecars": self.sidecars, "respawns": self.respawns, "respawn_failures": self.respawn_failures,
+                "runtime_restarts": self.runtime_restarts,
                 "pending": self.pending, "outdated": self.outdated, "syncs_ok": self.syncs_ok,
                 "syncs_failed": self.syncs_failed, "last_success": self.last_success}
 
@@ -141,6 +146,7 @@ class SyncObservation:
     outcomes: tuple[Outcome, ...] = ()
     respawns: int = 0
     respawn_failures: int = 0
+    runtime_restarts: int = 0
     pending: int = 0
     sidecars: tuple[tuple[str, str], ...] | None = None  # (profile, state) of each; None: unknown
     outdated: int | None = None  # sidecars running an outdated spec (a rollout pending or stopped)
@@ -155,6 +161,7 @@ def update(m: ChannelMetrics, obs: SyncObservation) -> None:
     m.sync.observe(max(0.0, obs.duration))
     m.respawns += obs.respawns
     m.respawn_failures += obs.respawn_failures
+    m.runtime_restarts += obs.runtime_restarts
     m.pending = obs.pending
     if obs.outdated is not None:
         m.outdated = obs.outdated
@@ -230,6 +237,9 @@ def render(channels: Iterable[tuple[str, ChannelMetrics]]) -> str:
                 lambda m: m.respawns)
     per_channel("safespawn_respawn_failures_total", "counter", "Respawns the runtime failed to start.",
                 lambda m: m.respawn_failures)
+    per_channel("safespawn_runtime_restarts_total", "counter",
+                "Restarts of sidecars by the runtime's own restart policy, as syncs noticed them.",
+                lambda m: m.runtime_restarts)
     per_channel("safespawn_pending_requests", "gauge", "Inbox entries still waiting after the last sync.",
                 lambda m: m.pending)
     family("safespawn_syncs_total", "counter", "Syncs of a channel by result.")

@@ -45,6 +45,8 @@ class DesiredSidecar:
     pid: int = 0
     pid_start: int = 0
     started_at: int = 0
+    # Restarts of that container by the runtime's own restart policy, as a sync last saw them.
+    runtime_restarts: int = 0
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DesiredSidecar:
@@ -53,7 +55,7 @@ class DesiredSidecar:
                    failures=int(d.get("failures", 0)), next_retry=float(d.get("next_retry", 0)),
                    container_id=str(d.get("container_id", "")), spec_hash=str(d.get("spec_hash", "")),
                    pid=int(d.get("pid", 0)), pid_start=int(d.get("pid_start", 0)),
-                   started_at=int(d.get("started_at", 0)))
+                   started_at=int(d.get("started_at", 0)), runtime_restarts=int(d.get("runtime_restarts", 0)))
 
     @property
     def identity(self) -> ProcessIdentity | None:
@@ -65,9 +67,11 @@ class DesiredSidecar:
         """The same desired sidecar, with the container and process it was last verified to run as
         (`started_at`: the container's start, unix seconds, as the runtime reports it)."""
         if ident is None:
-            return replace(self, container_id="", spec_hash="", pid=0, pid_start=0, started_at=0)
+            return replace(self, container_id="", spec_hash="", pid=0, pid_start=0, started_at=0,
+                           runtime_restarts=0)
+        restarts = self.runtime_restarts if ident.container_id == self.container_id else 0  # a new container
         return replace(self, container_id=ident.container_id, spec_hash=spec_hash, pid=ident.pid,
-                       pid_start=ident.start_ticks, started_at=started_at)
+                       pid_start=ident.start_ticks, started_at=started_at, runtime_restarts=restarts)
 
     def failed(self, now: float) -> DesiredSidecar:
         n = self.failures + 1
