@@ -228,34 +228,65 @@ def cmd_check_config(args: argparse.Namespace, cfg: Config) -> int:
     return ExitCode.OK
 
 
-def cmd_doctor(args: argparse.Namespace, cfg: Config) -> int:
+def example_config() -> str:
+    """The example configuration `safespawn doctor --example-config` prints (it passes check-config)."""
+    from importlib import resources
 
+    return resources.files("safespawn").joinpath("example.toml").read_text(encoding="utf-8")
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """Check the host, and the configuration when there is one. Without a configuration file the
+    host is checked anyway (with the defaults) and the way to start one is printed."""
+    if args.example_config:
+        sys.stdout.write(example_config())
+        return ExitCode.OK
+    path = config_path(args.config)
+    if not os.path.lexists(path):
+        # Only a missing file: a configuration that exists but is wrong is reported as such.
+        print(f"no configuration file at {path}: checking the host with the defaults")
+        problems = _print_checks(_doctor_checks(Config()))
+        print(f"\nTo start a configuration: safespawn doctor --example-config > {path}\n"
+              f"then edit it (image, profiles, data dirs of each agent's channel) and run "
+              f"`safespawn check-config` and `safespawn doctor` again.")
+        return ExitCode.OK if problems == 0 else ExitCode.FAILED
+    cfg = load_config(args.config)
+    return ExitCode.OK if _print_checks(_doctor_checks(cfg)) == 0 else ExitCode.FAILED
+
+
+def _print_checks(checks: list[Any]) -> int:
     problems = 0
+    for c in checks:
+        print(("ok   " if c.ok else "FAIL ") + c.what + ("" if c.ok else f"\n     -> {c.fix}"))
+        problems += 0 if c.ok else 1
+    return problems
 
-    def check(ok: bool, what: str, fix: str = "") -> None:
-        nonlocal problems
-        print(("ok   " if ok else "FAIL ") + what + ("" if ok else f"\n     -> {fix}"))
-        problems += 0 if ok else 1
 
-    from .runtime.checks import live_checks
+def _doctor_checks(cfg: Config) -> list[Any]:
+    from .runtime.checks import Check, host_checks, live_checks
 
-    for c in live_checks(cfg):
-        check(c.ok, c.what, c.fix)
-    check(os.path.isdir(cfg.broker.netns_dir), f"{cfg.broker.netns_dir} exists", "ip netns add creates it")
+    out = [*live_checks(cfg), *host_checks(cfg)]
     for ch in cfg.channels.values():
         base = Path(ChannelDir.path_of(cfg.broker.channels_dir, ch.name))
         for sub in ("inbox/new", "inbox/tmp", "outbox/replies"):
             p2 = base / sub
-            check(p2.is_dir() and not p2.is_symlink(), f"{p2} is a directory", "run `safespawn install`")
+            out.append(Check(p2.is_dir() and not p2.is_symlink(), f"{p2} is a directory", "run `safespawn install`"))
+        if not os.path.isdir(os.path.join(cfg.broker.state_dir, ch.name)):
+            # A check creates nothing: `install`, `watch` or the first sync lay it out.
+            out.append(Check(True, f"state dir of {ch.name} not created yet (`safespawn install` or the first "
+                             "sync creates it)"))
+            continue
         try:
             with ChannelState.locked(str(cfg.broker.state_dir), ch.name, wait=False):
                 pass
-            check(True, f"state dir of {ch.name} usable")
+            out.append(Check(True, f"state dir of {ch.name} usable"))
         except ChannelLocked:
-            check(True, f"state dir of {ch.name} usable (a sync holds it now)")
+            out.append(Check(True, f"state dir of {ch.name} usable (a sync holds it now)"))
         except OSError as e:
-            check(False, f"state dir of {ch.name} usable", str(e))
-    return ExitCode.OK if problems == 0 else ExitCode.FAILED
+            out.append(Check(False, f"state dir of {ch.name} usable", str(e)))
+    if not cfg.channels:
+        out.append(Check(True, "images: none configured yet (each channel names one)"))
+    return out
 
 
 def cmd_install(args: argparse.Namespace, cfg: Config) -> int:
@@ -373,8 +404,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("check-config", help="validate the configuration and the profiles it names")
     s.set_defaults(run=_with_config(cmd_check_config))
-    s = sub.add_parser("doctor", help="check that this host can run safespawn")
-    s.set_defaults(run=_with_config(cmd_doctor))
+    s = sub.add_parser("doctor", help="check that this host can run safespawn (with or without a configuration)",
+                       description="Check the host (runtime, its cgroup manager, cgroup version, systemd, "
+                       "network namespaces) and, when the configuration file exists, its channels (images, "
+                       "directories, netns joining for Docker). Without a configuration file the host is "
+                       "checked with the defaults, and the way to start one is printed.")
+    s.add_argument("--example-config", action="store_true",
+                   help="print an example configuration (it passes check-config) and exit")
+    s.set_defaults(run=cmd_doctor)
 
     s = sub.add_parser("install", help="create the channels' directories and install the systemd units",
                        description="Create each channel's directories (inbox writable by the agent, outbox "

@@ -3,15 +3,19 @@
 Each check is a `Check(ok, what, fix)`. `static_checks` only looks at the host (the CLI is there);
 `live_checks` talks to podman or dockerd, and for Docker proves the netns-joining path end to end:
 dockerd knows the OCI runtime, and a throw-away container named into a fresh netns lands in it.
+`host_checks` needs no channel: what the host is (cgroup version, podman's cgroup manager, systemd
+as PID 1 or not, network namespaces); `doctor` prints it with or without a configuration file.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 from ..config import Config
 from .docker import DockerRuntime
@@ -107,3 +111,78 @@ def live_checks(cfg: Config) -> list[Check]:
     if not checks[0].ok:
         return checks
     return checks + (docker_checks(cfg) if cfg.broker.runtime == "docker" else podman_checks(cfg))
+
+
+def cgroup_layout(root: str = "/sys/fs/cgroup") -> str:
+    """"v2" (one unified hierarchy), "v1 hybrid" (v1 controllers and a unified hierarchy beside
+    them), "v1" (legacy), or "unknown"."""
+    try:
+        if os.path.exists(os.path.join(root, "cgroup.controllers")):
+            return "v2"
+        if os.path.exists(os.path.join(root, "unified", "cgroup.procs")):
+            return "v1 hybrid"
+        if os.path.isdir(os.path.join(root, "memory")) or os.path.isdir(os.path.join(root, "systemd")):
+            return "v1"
+    except OSError:
+        pass
+    return "unknown"
+
+
+def systemd_is_pid1() -> bool:
+    """What sd_booted() tests: /run/systemd/system exists, and PID 1 is systemd."""
+    try:
+        with open("/proc/1/comm", encoding="utf-8", errors="replace") as f:
+            comm = f.read().strip()
+    except OSError:
+        comm = ""
+    return os.path.isdir("/run/systemd/system") and comm == "systemd"
+
+
+def _podman_info(podman: str) -> tuple[dict[str, Any] | None, str]:
+    try:
+        p = subprocess.run([podman, "info", "--format=json"], capture_output=True, text=True, timeout=60,
+                           check=False, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return None, str(e)
+    if p.returncode != 0:
+        return None, p.stderr.strip()[-300:]
+    try:
+        info = json.loads(p.stdout)
+    except ValueError as e:
+        return None, f"podman info printed invalid JSON: {e}"
+    return (info, "") if isinstance(info, dict) else (None, "podman info printed no object")
+
+
+def host_checks(cfg: Config) -> list[Check]:
+    """What the host is, as far as safespawn cares; needs no channel."""
+    out = []
+    layout = cgroup_layout()
+    out.append(Check(layout != "unknown", f"cgroups: {layout} (/sys/fs/cgroup)",
+                     "mount the cgroup filesystem: podman needs it"))
+    name, found = _cli(cfg)
+    if cfg.broker.runtime == "podman" and found is not None:
+        info, err = _podman_info(found)
+        if info is None:
+            out.append(Check(False, "podman info works", err))
+        else:
+            host = info.get("host") or {}
+            oci = (host.get("ociRuntime") or {}).get("name", "?")
+            version = (info.get("version") or {}).get("Version", "?")
+            out.append(Check(True, f"podman {version}: cgroup manager {host.get('cgroupManager', '?')}, cgroups "
+                             f"{host.get('cgroupVersion', '?')}, OCI runtime {oci}"))
+    elif cfg.broker.runtime == "podman" and shutil.which(cfg.broker.docker) is not None:
+        out.append(Check(True, "docker found: with it, set [broker] runtime = \"docker\" (docs/kolla.md)"))
+    if systemd_is_pid1():
+        out.append(Check(True, "systemd is PID 1: `safespawn install` sets up the units (docs/operations.md)"))
+    else:
+        out.append(Check(True, "systemd is not PID 1: serve the channels with `safespawn watch` "
+                         "(docs/operations.md, \"Without systemd\")"))
+    out.append(Check(os.path.exists("/proc/self/ns/net"), "network namespaces (/proc/self/ns/net)",
+                     "a kernel with CONFIG_NET_NS"))
+    ip = shutil.which("ip")
+    out.append(Check(ip is not None, f"ip (iproute2) found ({ip})", "install iproute2: Neutron's `ip netns` "
+                     "makes the namespaces the sidecars join"))
+    netns_dir = str(cfg.broker.netns_dir)
+    out.append(Check(True, f"{netns_dir} " + ("exists" if os.path.isdir(netns_dir) else
+                                             "does not exist yet (`ip netns add` creates it)")))
+    return out
