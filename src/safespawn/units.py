@@ -113,9 +113,9 @@ WantedBy=paths.target
 """
     hardening = f"""# Hardening that leaves podman working. Options that give the service a mount namespace
 # (ProtectSystem=, PrivateTmp=, ReadWritePaths=, ...) are not set: the sidecars' mounts would live in it,
-# out of reach of the host. Seccomp-based options are inherited by every sidecar (conmon and crun are
-# children of this service), so only the ones no sidecar can miss are set. NoNewPrivileges= is not set:
-# it blocks the SELinux transition of podman into container_runtime_t.
+# out of reach of the host. Seccomp-based options are inherited by every sidecar (conmon and crun descend
+# from this service's process, whatever cgroup they end in), so only the ones no sidecar can miss are set.
+# NoNewPrivileges= is not set: it blocks the SELinux transition of podman into container_runtime_t.
 SystemCallArchitectures=native
 LockPersonality=yes
 CapabilityBoundingSet=~{' '.join(DROPPED_CAPABILITIES)}"""
