@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -303,6 +304,8 @@ def test_doctor_proves_the_netns_joining_path_with_a_real_probe(broker):
     assert p.returncode == 0, p.stdout + p.stderr
     assert "ok   a dnsmasq container joins a fresh netns through the OCI runtime" in p.stdout
     assert "ok   dockerd at unix://" in p.stdout
+    # What the host is, as dockerd reports it (doctor's host checks).
+    assert re.search(r"^ok   dockerd \d[^:]*: cgroup driver (cgroupfs|systemd), cgroups v[12]$", p.stdout, re.M), p.stdout
     assert broker.cli("check-config").returncode == 0
 
 

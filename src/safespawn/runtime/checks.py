@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import Config
+from ..errors import RuntimeFailed
 from .docker import DockerRuntime
 
 # Names for the probe netns: the first that fits a configured profile's pattern is used.
@@ -170,6 +171,16 @@ def host_checks(cfg: Config) -> list[Check]:
             version = (info.get("version") or {}).get("Version", "?")
             out.append(Check(True, f"podman {version}: cgroup manager {host.get('cgroupManager', '?')}, cgroups "
                              f"{host.get('cgroupVersion', '?')}, OCI runtime {oci}"))
+    elif cfg.broker.runtime == "docker" and found is not None:
+        d = DockerRuntime(cfg.broker.docker, cfg.broker.docker_host, cfg.broker.docker_oci_runtime,
+                          cfg.broker.podman_timeout)
+        try:
+            facts = d._run(["info", "--format={{.ServerVersion}} {{.CgroupDriver}} {{.CgroupVersion}}"]).split()
+        except RuntimeFailed as e:
+            facts = []
+            out.append(Check(False, "docker info works", e.message))
+        if len(facts) == 3:
+            out.append(Check(True, f"dockerd {facts[0]}: cgroup driver {facts[1]}, cgroups v{facts[2]}"))
     elif cfg.broker.runtime == "podman" and shutil.which(cfg.broker.docker) is not None:
         out.append(Check(True, "docker found: with it, set [broker] runtime = \"docker\" (docs/kolla.md)"))
     if systemd_is_pid1():
