@@ -15,12 +15,13 @@ import json
 import subprocess
 from pathlib import Path
 
-from integration.test_core import dnsmasq_argv, qdhcp
-from integration.test_pidfiles import holds_host_pid
 from support.broker import Broker
 from support.netlab import NetnsPair, dhcp_lease, random_mac
 
 from safespawn import client
+
+from .test_core import dnsmasq_argv, qdhcp
+from .test_pidfiles import holds_host_pid
 
 
 def start(broker: Broker, pair: NetnsPair, argv: list[str]) -> dict:
