@@ -32,8 +32,8 @@ OCI_SHIM = {"ociruntime"}  # exec'd by dockerd on the host for every runc call
 HOST = {
     "__init__", "adopt", "audit", "cli", "config", "engine", "errors", "files", "inbox", "install", "metrics",
     "pidfiles", "pidsignal", "policy", "readiness", "request", "rollout", "sidecar", "state", "units", "watch",
-    "wrappers", "profiles/__init__", "runtime/__init__", "runtime/base", "runtime/checks", "runtime/docker",
-    "runtime/podman",
+    "wrappers", "profiles/__init__", "runtime/__init__", "runtime/base", "runtime/checks", "runtime/conmon",
+    "runtime/docker", "runtime/podman",
 }
 # The names the agent-side files have once `safespawn wrappers install` has copied them.
 COPIED_AS = {"safespawn_client": "client", "safespawn_neutron": "neutron_pm"}
