@@ -814,7 +814,7 @@ class Engine:
                  clock: Callable[[], float] = time.time) -> None:
         self.config = config
         b = config.broker
-        self.runtime: Runtime = runtime or make_runtime(b)
+        self.runtime: Runtime = runtime or make_runtime(b, {n: c.budget for n, c in config.channels.items()})
         self.policy = policy or Policy(config)
         self.clock = clock
         self.actor = Actor(self.runtime, b.parallel_starts)
