@@ -223,19 +223,21 @@ def _ensure_slice(host: CgroupHost, channel: str, b: ChannelBudget, systemctl: s
                                 f"{p.stderr.strip()[-300:]}")
 
 
-def remove(host: CgroupHost, channel: str) -> None:
+def remove(host: CgroupHost, channel: str) -> bool:
     """Remove the channel's cgroups once no sidecar is left: bottom-up, in every hierarchy the
     runtime made them in (with cgroup v1 podman makes the parent in each controller, and a
-    `conmon` cgroup below it); a busy cgroup stays."""
+    `conmon` cgroup below it); a busy cgroup stays (conmon may outlive `podman rm` briefly).
+    True when none is left."""
     if host.manager == "systemd":
-        return  # systemd removes an empty slice's cgroup when the slice stops
+        return True  # systemd removes an empty slice's cgroup when the slice stops
     if host.version == 2:
         tops = [host.root / TOP / channel]
     else:
         try:
             tops = [host.root / h / TOP / channel for h in sorted(os.listdir(host.root))]
         except OSError:
-            return
+            return False
+    left = False
     for top in tops:
         if not top.is_dir() or top.is_symlink():
             continue
@@ -243,8 +245,10 @@ def remove(host: CgroupHost, channel: str) -> None:
             try:
                 os.rmdir(dirpath)
             except OSError as e:
+                left = left or e.errno != errno.ENOENT
                 if e.errno not in (errno.ENOENT, errno.EBUSY, errno.ENOTEMPTY):
                     log.warning("cannot remove %s: %s", dirpath, e.strerror)
+    return not left
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,9 @@ def remove_budget_cgroups(channel: str) -> None:
             _CGROUP_HOST = budget.detect()
         except Exception:
             return
-    budget.remove(_CGROUP_HOST, channel)
+    deadline = time.monotonic() + 5
+    while not budget.remove(_CGROUP_HOST, channel) and time.monotonic() < deadline:
+        time.sleep(0.1)  # conmon outlives `podman rm` briefly
 
 
 _CGROUP_HOST: budget.CgroupHost | None = None
