@@ -210,13 +210,19 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace, cfg: Config) -> int:
-    from .policy import Policy, confinement_warnings
+    from .policy import Policy, budget_warnings, confinement_warnings
     from .runtime.checks import static_checks
 
     policy = Policy(cfg)  # loads and validates every profile the channels name
     for ch in cfg.channels.values():
         print(f"channel {ch.name}: image {ch.image}, profiles {', '.join(ch.profiles)}, "
               f"data dirs {', '.join(ch.data_dirs) or '-'}")
+        print(f"  budget: memory {ch.budget_memory >> 20} MiB (swap included), {ch.budget_cpus:g} CPUs, "
+              f"{ch.budget_tasks} tasks; per sidecar: " + ", ".join(
+                  f"{n} {policy.profiles[n].memory >> 20} MiB/{policy.profiles[n].cpus:g} CPU/"
+                  f"{policy.profiles[n].pids_limit} pids" for n in ch.profiles))
+    for w in budget_warnings(cfg, policy):
+        print(f"NOTE: {w}", file=sys.stderr)
     for w in confinement_warnings(cfg, policy):
         print(f"WARNING: {w}", file=sys.stderr)
     failed = [c for c in static_checks(cfg) if not c.ok]

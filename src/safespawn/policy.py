@@ -663,6 +663,7 @@ class Policy:
                         self.profiles[name] = load_profile(name, config.broker.profiles_dir)
         for ch in config.channels.values():
             check_mounts(ch, self.profiles)
+            check_budget(ch, self.profiles)
 
     def profile_for(self, channel: ChannelConfig, name: str | None) -> Profile:
         # DENY: a profile the host did not grant this channel, whatever else exists.
@@ -882,6 +883,41 @@ def sidecar_for_pid(pid: int, main_pids: Iterable[int], host_pidns: tuple[int, i
             return main
     # DENY: anything else (another channel's sidecar, a reused pid): "No such process".
     return None
+
+
+def check_budget(channel: ChannelConfig, profiles: Mapping[str, Profile]) -> None:
+    """A channel's budget must hold at least one sidecar of each of its profiles (and its conmon):
+    a budget below that is a typo, and every start would fail."""
+    for name in channel.profiles:
+        p = profiles[name]
+        if channel.budget_memory < p.memory + (8 << 20):
+            raise ConfigError(f"channels.{channel.name}.budget_memory: {channel.budget_memory} bytes cannot hold one "
+                              f"{name} sidecar (memory {p.memory} bytes, plus 8m for its conmon)")
+        if channel.budget_tasks < p.pids_limit // 4:
+            raise ConfigError(f"channels.{channel.name}.budget_tasks: {channel.budget_tasks} is below a quarter of "
+                              f"one {name} sidecar's pids_limit ({p.pids_limit})")
+
+
+def budget_warnings(config: Config, policy: Policy) -> list[str]:
+    """Budgets worth a look: what the sidecars could ask for beyond the budget (the budget holds,
+    but sidecars then fail or get OOM-killed before max_sidecars is reached), and channels whose
+    budgets add up to more memory than the host has."""
+    from .budget import host_memory
+
+    out = []
+    total = 0
+    for ch in sorted(config.channels.values(), key=lambda c: c.name):
+        total += ch.budget_memory
+        biggest = max(policy.profiles[n].memory for n in ch.profiles)
+        if ch.max_sidecars * biggest > ch.budget_memory:
+            out.append(f"channel {ch.name}: max_sidecars ({ch.max_sidecars}) x the largest profile memory limit "
+                       f"({biggest >> 20} MiB) exceeds budget_memory ({ch.budget_memory >> 20} MiB): the budget "
+                       "bounds them all together (docs/security.md, \"Resource exhaustion\")")
+    mem = host_memory()
+    if mem and total > mem * 3 // 4:
+        out.append(f"the channels' budget_memory add up to {total >> 20} MiB, over three quarters of the host's "
+                   f"{mem >> 20} MiB: together they could still crowd out the host")
+    return out
 
 
 def confinement_warnings(config: Config, policy: Policy) -> list[str]:
