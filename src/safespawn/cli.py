@@ -221,8 +221,12 @@ def cmd_check_config(args: argparse.Namespace, cfg: Config) -> int:
               f"{ch.budget_tasks} tasks; per sidecar: " + ", ".join(
                   f"{n} {policy.profiles[n].memory >> 20} MiB/{policy.profiles[n].cpus:g} CPU/"
                   f"{policy.profiles[n].pids_limit} pids" for n in ch.profiles))
-    for w in budget_warnings(cfg, policy):
-        print(f"NOTE: {w}", file=sys.stderr)
+        biggest = max(policy.profiles[n].memory for n in ch.profiles)
+        if ch.max_sidecars * biggest > ch.budget_memory:
+            print(f"  max_sidecars {ch.max_sidecars} x {biggest >> 20} MiB would exceed the budget: the budget "
+                  "holds them all together (docs/security.md, \"Resource exhaustion\")")
+    for w in budget_warnings(cfg):
+        print(f"WARNING: {w}", file=sys.stderr)
     for w in confinement_warnings(cfg, policy):
         print(f"WARNING: {w}", file=sys.stderr)
     failed = [c for c in static_checks(cfg) if not c.ok]
