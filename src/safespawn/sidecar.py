@@ -47,7 +47,9 @@ class SidecarSpec:
     pid_host: bool
     read_only: bool
     stop_grace: int
-    restart_retries: int = 5
+    # podman restarts a failed sidecar at once, this many times, before the broker respawns it with
+    # backoff: a crash-looping sidecar costs at most 1 + restart_retries starts per respawn.
+    restart_retries: int = 3
     pids_limit: int = 256
     # The profile's own limits (docs/security.md, "Resource exhaustion"): memory with swap
     # included (bytes), CPUs, and how much the kernel's OOM killer prefers this sidecar's
