@@ -269,6 +269,23 @@ class BudgetUse:
                 "cpus_max": self.cpus_max, "cpu_throttled_seconds": round(self.throttled_seconds, 3)}
 
 
+def locate(channel: str, root: Path = CGROUP_ROOT) -> CgroupHost | None:
+    """Where the channel's budget cgroup is, found by looking (no runtime call): for `status` and
+    the metrics, which must not ask podman. None: no sidecar of the channel was started yet."""
+    if (root / f"{TOP}.slice" / slice_name(channel)).is_dir():
+        return CgroupHost("systemd", 2, root)
+    if (root / "memory" / TOP / channel).is_dir():
+        return CgroupHost("cgroupfs", 1, root)
+    if (root / TOP / channel / "cgroup.controllers").exists():
+        return CgroupHost("cgroupfs", 2, root)
+    return None
+
+
+def use_of(channel: str, root: Path = CGROUP_ROOT) -> BudgetUse | None:
+    host = locate(channel, root)
+    return use(host, channel) if host is not None else None
+
+
 def _int(s: str) -> int | None:
     try:
         return int(s)

@@ -143,6 +143,7 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
         cfg.channel(n)
         st = engine.status(n)
         st["refusals"] = read_recent(ChannelState.of(cfg.broker.state_dir, n).audit_path, limit=args.refusals)
+        st["budget"] = _budget_status(cfg, n)
         out.append(st)
     if args.json:
         print(json.dumps(out if not args.channel else out[0], indent=1))
@@ -153,6 +154,15 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
         if ro.get("target") or ro.get("outdated") or ro.get("state", "done") != "done":
             print(f"  rollout: {ro['state']}, {ro['replaced']}/{ro['total']} replaced in {ro['batches']} batch(es), "
                   f"{ro['outdated']} outdated" + (f" -- {ro['message']}" if ro.get("message") else ""))
+        bu = st["budget"]
+        use, conf = bu["use"], bu["configured"]
+        if use is None:
+            print(f"  budget: memory {conf['memory_bytes'] >> 20} MiB, {conf['cpus']:g} CPUs, {conf['tasks']} tasks "
+                  "(no cgroup yet: nothing started)")
+        else:
+            print(f"  budget: memory {use['memory_bytes'] >> 20}/{(use['memory_max_bytes'] or 0) >> 20} MiB, "
+                  f"tasks {use['tasks']}/{use['tasks_max']}, CPU {use['cpu_seconds']:.1f} s used at most "
+                  f"{use['cpus_max']} CPUs ({use['cpu_throttled_seconds']:.1f} s held back)")
         if st["sidecars"]:
             print(f"  {'NAME':<60} {'PROFILE':<12} {'STATE':<9} {'PID':>8}  RESTARTS  SPEC")
             for s in st["sidecars"]:
@@ -164,6 +174,16 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
                 print(f"    {e.get('t')} {e.get('id') or '-'} {e.get('decision')} {e.get('code', '')}: "
                       f"{e.get('reason', '')}")
     return ExitCode.OK
+
+
+def _budget_status(cfg: Config, channel: str) -> dict[str, Any]:
+    """The channel's budget as configured, and what its sidecars use against it now (from its cgroup)."""
+    from . import budget
+
+    ch = cfg.channel(channel)
+    u = budget.use_of(channel)
+    return {"configured": {"memory_bytes": ch.budget_memory, "cpus": ch.budget_cpus, "tasks": ch.budget_tasks},
+            "use": None if u is None else u.as_dict()}
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
