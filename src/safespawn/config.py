@@ -13,7 +13,7 @@ The host decides everything that matters; a request only chooses among what is c
     data_dirs = ["/var/lib/neutron"]
     max_sidecars = 256
     budget_memory = "25%"         # all the channel's sidecars together (safespawn.budget)
-    budget_cpus = 1.0
+    budget_cpus = 1.0             # default: half the host's CPUs, at least 1
     budget_tasks = 4096
 """
 

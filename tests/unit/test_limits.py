@@ -250,3 +250,25 @@ def test_use_reads_what_the_channel_uses_against_its_budget(tmp_path):
                                          (1234, 1234), ("100", 100)])
 def test_sizes(text, bytes_):
     assert budget.parse_size(text) == bytes_
+
+
+def test_the_metrics_show_each_channels_use_against_its_budget():
+    from safespawn.metrics import ChannelMetrics, render
+
+    use = budget.BudgetUse(memory=3 << 20, memory_max=64 << 20, tasks=5, tasks_max=4096, cpu_seconds=1.5,
+                           cpus_max=1.0, throttled_seconds=0.25)
+    text = render([("a", ChannelMetrics()), ("b", ChannelMetrics())], {"a": use, "b": None})
+    assert f'safespawn_budget_memory_bytes{{channel="a"}} {3 << 20}' in text
+    assert f'safespawn_budget_memory_limit_bytes{{channel="a"}} {64 << 20}' in text
+    assert 'safespawn_budget_tasks{channel="a"} 5' in text and 'safespawn_budget_tasks_limit{channel="a"} 4096' in text
+    assert 'safespawn_budget_cpu_seconds_total{channel="a"} 1.5' in text
+    assert 'safespawn_budget_cpu_limit{channel="a"} 1.0' in text
+    assert 'channel="b"' not in "".join(line for line in text.splitlines() if line.startswith("safespawn_budget"))
+
+
+def test_locate_finds_the_channels_cgroup_by_looking(tmp_path):
+    assert budget.locate("c", tmp_path) is None
+    (tmp_path / "memory" / "safespawn" / "c").mkdir(parents=True)
+    assert budget.locate("c", tmp_path) == CgroupHost("cgroupfs", 1, tmp_path)
+    (tmp_path / "safespawn.slice" / "safespawn-c.slice").mkdir(parents=True)
+    assert budget.locate("c", tmp_path) == CgroupHost("systemd", 2, tmp_path)
