@@ -98,6 +98,8 @@ def parent(host: CgroupHost, channel: str) -> str:
 def cgroup_dirs(host: CgroupHost, channel: str) -> dict[str, Path]:
     """controller ("memory", "cpu", "pids"; "" for the unified hierarchy) -> the channel's cgroup dir."""
     if host.manager == "systemd":
+        if host.version == 1:
+            return {c: host.root / c / f"{TOP}.slice" / slice_name(channel) for c in V1_CONTROLLERS}
         return {"": host.root / f"{TOP}.slice" / slice_name(channel)}
     if host.version == 2:
         return {"": host.root / TOP / channel}
@@ -193,25 +195,33 @@ def _ensure_v2(host: CgroupHost, channel: str, b: ChannelBudget) -> None:
     _enable_controllers(d)
 
 
-def slice_properties(b: ChannelBudget) -> list[str]:
-    """systemd's names for the budget (`systemctl set-property`, or a slice unit's [Slice])."""
-    return [f"MemoryMax={b.memory}", "MemorySwapMax=0", f"CPUQuota={round(b.cpus * 100)}%",
-            f"TasksMax={b.tasks}"]
+def slice_properties(b: ChannelBudget, version: int = 2) -> list[str]:
+    """systemd's names for the budget (`systemctl set-property`, or a slice unit's [Slice]). On a
+    cgroup v1 host systemd has MemoryLimit= and no swap setting: the slice then bounds memory, and
+    each sidecar's own --memory-swap its swap."""
+    memory = [f"MemoryMax={b.memory}", "MemorySwapMax=0"] if version == 2 else [f"MemoryLimit={b.memory}"]
+    return [*memory, f"CPUQuota={round(b.cpus * 100)}%", f"TasksMax={b.tasks}"]
 
 
-def _slice_matches(d: Path, b: ChannelBudget) -> bool:
+def _slice_matches(host: CgroupHost, channel: str, b: ChannelBudget) -> bool:
+    dirs = cgroup_dirs(host, channel)
+    quota_us = round(b.cpus * 100) * CPU_PERIOD_US // 100
+    if host.version == 1:
+        return (_read(dirs["memory"] / "memory.limit_in_bytes") == str(b.memory)
+                and _read(dirs["pids"] / "pids.max") == str(b.tasks)
+                and _read(dirs["cpu"] / "cpu.cfs_quota_us") == str(quota_us))
+    d = dirs[""]
     quota = _read(d / "cpu.max").split()
     return (_read(d / "memory.max") == str(b.memory) and _read(d / "memory.swap.max") == "0"
             and _read(d / "pids.max") == str(b.tasks)
-            and quota == [str(round(b.cpus * 100) * CPU_PERIOD_US // 100), str(CPU_PERIOD_US)])
+            and quota == [str(quota_us), str(CPU_PERIOD_US)])
 
 
 def _ensure_slice(host: CgroupHost, channel: str, b: ChannelBudget, systemctl: str) -> None:
-    d = cgroup_dirs(host, channel)[""]
-    if _slice_matches(d, b):
+    if _slice_matches(host, channel, b):
         return  # the common case: no systemctl call
     name = slice_name(channel)
-    for argv in ([systemctl, "set-property", "--runtime", name, *slice_properties(b)],
+    for argv in ([systemctl, "set-property", "--runtime", name, *slice_properties(b, host.version)],
                  [systemctl, "start", name]):
         try:
             p = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False,
@@ -274,6 +284,8 @@ def locate(channel: str, root: Path = CGROUP_ROOT) -> CgroupHost | None:
     the metrics, which must not ask podman. None: no sidecar of the channel was started yet."""
     if (root / f"{TOP}.slice" / slice_name(channel)).is_dir():
         return CgroupHost("systemd", 2, root)
+    if (root / "memory" / f"{TOP}.slice" / slice_name(channel)).is_dir():
+        return CgroupHost("systemd", 1, root)
     if (root / "memory" / TOP / channel).is_dir():
         return CgroupHost("cgroupfs", 1, root)
     if (root / TOP / channel / "cgroup.controllers").exists():

@@ -272,3 +272,20 @@ def test_locate_finds_the_channels_cgroup_by_looking(tmp_path):
     assert budget.locate("c", tmp_path) == CgroupHost("cgroupfs", 1, tmp_path)
     (tmp_path / "safespawn.slice" / "safespawn-c.slice").mkdir(parents=True)
     assert budget.locate("c", tmp_path) == CgroupHost("systemd", 2, tmp_path)
+
+
+def test_systemd_on_cgroup_v1_sets_memorylimit_and_reads_the_v1_hierarchies(tmp_path):
+    exe = _fake_systemctl(tmp_path)
+    host = CgroupHost("systemd", 1, tmp_path)
+    b = ChannelBudget(256 << 20, 1.0, 100)
+    budget.ensure(host, "c", b, systemctl=str(exe))
+    assert (tmp_path / "calls").read_text().splitlines()[0] == (
+        f"set-property --runtime safespawn-c.slice MemoryLimit={256 << 20} CPUQuota=100% TasksMax=100")
+    for c, f, v in (("memory", "memory.limit_in_bytes", str(256 << 20)), ("pids", "pids.max", "100"),
+                    ("cpu", "cpu.cfs_quota_us", "100000")):
+        d = tmp_path / c / "safespawn.slice" / "safespawn-c.slice"
+        d.mkdir(parents=True)
+        (d / f).write_text(v + "\n")
+    budget.ensure(host, "c", b, systemctl=str(exe))
+    assert len((tmp_path / "calls").read_text().splitlines()) == 2  # matched: no further call
+    assert budget.locate("c", tmp_path) == host
