@@ -30,6 +30,7 @@ import errno
 import json
 import logging
 import os
+import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,6 +82,50 @@ def detect(podman: str = "podman", timeout: float = 30) -> CgroupHost:
         raise RuntimeFailed(f"podman info names no cgroup manager/version (rc {p.returncode}): "
                             f"{manager[:20]!r} {version[:20]!r}")
     return CgroupHost(manager, int(version[1]))
+
+
+_CONTAINERS_CONF = ("/usr/share/containers/containers.conf", "/etc/containers/containers.conf",
+                    "/etc/containers/containers.conf.d")
+
+
+def _detect_key(podman: str) -> str:
+    """What podman's answer depends on: this boot, the podman binary, its containers.conf files."""
+    parts = [_read(Path("/proc/sys/kernel/random/boot_id")), os.environ.get("CONTAINERS_CONF", "")]
+    for path in (shutil.which(podman) or podman, *_CONTAINERS_CONF, os.environ.get("CONTAINERS_CONF", "")):
+        try:
+            st = os.stat(path)
+            parts.append(f"{path}:{st.st_ino}:{st.st_mtime_ns}:{st.st_size}")
+        except OSError:
+            parts.append(f"{path}:-")
+    return "|".join(parts)
+
+
+def cached_detect(podman: str, cache_dir: str | None, timeout: float = 30) -> CgroupHost:
+    """`detect`, remembered in `cache_dir/cgroup-host.json` (the broker's private state dir) until
+    the boot, the podman binary or a containers.conf changes: `podman info` costs about 0.3 s, and
+    each short-lived sync process that starts a sidecar would pay it."""
+    if cache_dir is None:
+        return detect(podman, timeout)
+    path = os.path.join(cache_dir, "cgroup-host.json")
+    key = _detect_key(podman)
+    try:
+        with open(path, "rb") as f:
+            d = json.load(f)
+        if d.get("key") == key and d.get("manager") in ("cgroupfs", "systemd") and d.get("version") in (1, 2):
+            return CgroupHost(str(d["manager"]), int(d["version"]))
+    except (OSError, ValueError, AttributeError):
+        pass
+    host = detect(podman, timeout)
+    try:
+        os.makedirs(cache_dir, mode=0o700, exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"key": key, "manager": host.manager, "version": host.version}, f)
+        os.replace(tmp, path)
+    except OSError as e:
+        log.warning("cannot remember podman's cgroup manager in %s: %s", path, e)
+    return host
 
 
 def slice_name(channel: str) -> str:

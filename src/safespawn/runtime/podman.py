@@ -172,7 +172,7 @@ class PodmanRuntime:
     @property
     def cgroup_host(self) -> budget.CgroupHost:
         if self._cgroup_host is None:
-            self._cgroup_host = budget.detect(self.podman, self.timeout)
+            self._cgroup_host = budget.cached_detect(self.podman, self.pid_dir, self.timeout)
         return self._cgroup_host
 
     def cgroup_parent(self, channel: str) -> str | None:
