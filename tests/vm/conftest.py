@@ -163,6 +163,9 @@ def play(**extra: Any) -> Play:
         "    - role: safespawn.host.safespawn\n")
     env = dict(os.environ, ANSIBLE_COLLECTIONS_PATH=str(PAYLOAD / "ansible"), ANSIBLE_NOCOLOR="1",
                ANSIBLE_FORCE_COLOR="0", ANSIBLE_RETRY_FILES_ENABLED="0", ANSIBLE_CONFIG=str(work / "none.cfg"),
+               # Pipelining: one python per task instead of a temp dir, a copy and a python (half the
+               # time under emulation: ~100 s for the whole role instead of ~200 s).
+               ANSIBLE_PIPELINING="1",
                ANSIBLE_HOME=str(work / "home"), ANSIBLE_LOCAL_TEMP=str(work / "tmp"))
     cp = subprocess.run(["ansible-playbook", "-i", "localhost,", "-e", "@vars.json", "site.yml"], cwd=work,
                         capture_output=True, text=True, env=env, timeout=900, check=False)

@@ -65,7 +65,7 @@ def network(i):
     argv = ["--no-hosts", "--no-resolv", "--pid-file=%s/pid" % d, "--dhcp-hostsfile=%s/host" % d,
             "--addn-hosts=%s/addn_hosts" % d, "--dhcp-optsfile=%s/opts" % d, "--dhcp-leasefile=%s/leases" % d,
             "--local-service", "--bind-dynamic",
-            "--dhcp-range=set:subnet-%d,10.251.%d.0,static,255.255.255.0,86400s" % (i, i),
+            "--dhcp-range=set:subnet-11111111-0000-4000-8000-%012d,10.251.%d.0,static,255.255.255.0,86400s" % (i, i),
             "--dhcp-lease-max=256", "--conf-file=/dev/null", "--domain=openstacklocal",
             "--interface=" + srv_if, "--no-ping"]
     t0 = time.clock_gettime(time.CLOCK_BOOTTIME)
