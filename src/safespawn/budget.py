@@ -76,9 +76,12 @@ def detect(podman: str = "podman", timeout: float = 30) -> CgroupHost:
         host: dict[str, Any] = json.loads(p.stdout or "{}").get("host") or {}
     except ValueError:
         host = {}
+    if p.returncode != 0:
+        err = (p.stderr.strip() or p.stdout.strip()).splitlines()
+        raise RuntimeFailed(f"podman info failed (rc {p.returncode}): {' '.join(err[-3:])[:500]}")
     manager = str(host.get("cgroupManager") or "")
     version = str(host.get("cgroupVersion") or "")
-    if p.returncode != 0 or manager not in ("cgroupfs", "systemd") or version not in ("v1", "v2"):
+    if manager not in ("cgroupfs", "systemd") or version not in ("v1", "v2"):
         raise RuntimeFailed(f"podman info names no cgroup manager/version (rc {p.returncode}): "
                             f"{manager[:20]!r} {version[:20]!r}")
     return CgroupHost(manager, int(version[1]))
