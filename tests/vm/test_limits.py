@@ -130,26 +130,3 @@ def test_a_channels_sidecars_run_in_its_slice_with_the_budget_and_their_own_limi
         measure("limits-slice", memory_bytes=st["budget"]["use"]["memory_bytes"], tasks=st["budget"]["use"]["tasks"])
     finally:
         netlab.netns_delete(ns)
-
-
-def test_memory_and_a_fork_bomb_are_held_by_the_sidecar_and_the_slice(broker, measure) -> None:
-    before = events(SLICE / "memory.events").get("oom_kill", 0)
-    hog, bomb, calm = netns(), netns(), netns()
-    try:
-        start(broker, CH, hog, HOG)
-        wait_until(lambda: events(SLICE / "memory.events").get("oom_kill", 0) > before, 120, what="an OOM kill")
-        peak_tasks = 0
-        start(broker, CH, bomb, FORK_BOMB)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            peak_tasks = max(peak_tasks, int((SLICE / "pids.current").read_text()))
-            time.sleep(0.05)
-        start(broker, OTHER, calm, "-- nothing\n")  # the other channel is still served meanwhile
-        memory_peak = int((SLICE / "memory.peak").read_text()) if (SLICE / "memory.peak").exists() else None
-        measure("limits-held", memory_peak=memory_peak, peak_tasks=peak_tasks,
-                oom_kills=events(SLICE / "memory.events").get("oom_kill", 0) - before)
-        assert memory_peak is None or memory_peak <= BUDGET_MEMORY
-        assert 0 < peak_tasks <= 200
-    finally:
-        for ns in (hog, bomb, calm):
-            netlab.netns_delete(ns)
