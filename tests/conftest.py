@@ -12,6 +12,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
+# tests/vm runs inside the VM (scripts/vm test, tests/vm/README.md), never in the host's pytest.
+collect_ignore = ["vm"]
+
 
 def pytest_collection_modifyitems(config, items):
     for item in items:

@@ -143,6 +143,7 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
         cfg.channel(n)
         st = engine.status(n)
         st["refusals"] = read_recent(ChannelState.of(cfg.broker.state_dir, n).audit_path, limit=args.refusals)
+        st["budget"] = _budget_status(cfg, n)
         out.append(st)
     if args.json:
         print(json.dumps(out if not args.channel else out[0], indent=1))
@@ -153,6 +154,15 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
         if ro.get("target") or ro.get("outdated") or ro.get("state", "done") != "done":
             print(f"  rollout: {ro['state']}, {ro['replaced']}/{ro['total']} replaced in {ro['batches']} batch(es), "
                   f"{ro['outdated']} outdated" + (f" -- {ro['message']}" if ro.get("message") else ""))
+        bu = st["budget"]
+        use, conf = bu["use"], bu["configured"]
+        if use is None:
+            print(f"  budget: memory {conf['memory_bytes'] >> 20} MiB, {conf['cpus']:g} CPUs, {conf['tasks']} tasks "
+                  "(no cgroup yet: nothing started)")
+        else:
+            print(f"  budget: memory {use['memory_bytes'] >> 20}/{(use['memory_max_bytes'] or 0) >> 20} MiB, "
+                  f"tasks {use['tasks']}/{use['tasks_max']}, CPU {use['cpu_seconds']:.1f} s used at most "
+                  f"{use['cpus_max']} CPUs ({use['cpu_throttled_seconds']:.1f} s held back)")
         if st["sidecars"]:
             print(f"  {'NAME':<60} {'PROFILE':<12} {'STATE':<9} {'PID':>8}  RESTARTS  SPEC")
             for s in st["sidecars"]:
@@ -164,6 +174,16 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
                 print(f"    {e.get('t')} {e.get('id') or '-'} {e.get('decision')} {e.get('code', '')}: "
                       f"{e.get('reason', '')}")
     return ExitCode.OK
+
+
+def _budget_status(cfg: Config, channel: str) -> dict[str, Any]:
+    """The channel's budget as configured, and what its sidecars use against it now (from its cgroup)."""
+    from . import budget
+
+    ch = cfg.channel(channel)
+    u = budget.use_of(channel)
+    return {"configured": {"memory_bytes": ch.budget_memory, "cpus": ch.budget_cpus, "tasks": ch.budget_tasks},
+            "use": None if u is None else u.as_dict()}
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -210,13 +230,23 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace, cfg: Config) -> int:
-    from .policy import Policy, confinement_warnings
+    from .policy import Policy, budget_warnings, confinement_warnings
     from .runtime.checks import static_checks
 
     policy = Policy(cfg)  # loads and validates every profile the channels name
     for ch in cfg.channels.values():
         print(f"channel {ch.name}: image {ch.image}, profiles {', '.join(ch.profiles)}, "
               f"data dirs {', '.join(ch.data_dirs) or '-'}")
+        print(f"  budget: memory {ch.budget_memory >> 20} MiB (swap included), {ch.budget_cpus:g} CPUs, "
+              f"{ch.budget_tasks} tasks; per sidecar: " + ", ".join(
+                  f"{n} {policy.profiles[n].memory >> 20} MiB/{policy.profiles[n].cpus:g} CPU/"
+                  f"{policy.profiles[n].pids_limit} pids" for n in ch.profiles))
+        biggest = max(policy.profiles[n].memory for n in ch.profiles)
+        if ch.max_sidecars * biggest > ch.budget_memory:
+            print(f"  max_sidecars {ch.max_sidecars} x {biggest >> 20} MiB would exceed the budget: the budget "
+                  "holds them all together (docs/security.md, \"Resource exhaustion\")")
+    for w in budget_warnings(cfg):
+        print(f"WARNING: {w}", file=sys.stderr)
     for w in confinement_warnings(cfg, policy):
         print(f"WARNING: {w}", file=sys.stderr)
     failed = [c for c in static_checks(cfg) if not c.ok]

@@ -12,6 +12,9 @@ The host decides everything that matters; a request only chooses among what is c
     profiles = ["dnsmasq", "haproxy"]
     data_dirs = ["/var/lib/neutron"]
     max_sidecars = 256
+    budget_memory = "25%"         # all the channel's sidecars together (safespawn.budget)
+    budget_cpus = 1.0             # default: half the host's CPUs, at least 1
+    budget_tasks = 4096
 """
 
 from __future__ import annotations
@@ -19,10 +22,11 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from .budget import ChannelBudget, host_cpus, host_memory, parse_size
 from .errors import ConfigError
 
 DEFAULT_CONFIG = "/etc/safespawn/safespawn.toml"
@@ -30,6 +34,10 @@ CHANNEL_RE = re.compile(r"[a-z][a-z0-9-]{0,30}")
 RUNTIMES = ("podman", "docker")
 DOCKER_HOST_RE = re.compile(r"(unix|tcp|ssh|fd)://[^\s]{1,255}")
 OCI_RUNTIME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+DEFAULT_BUDGET_MEMORY_PCT = 25
+# A budget must leave room for at least one sidecar and its conmon, and at most all of the host.
+MIN_BUDGET_MEMORY = 32 << 20
+MIN_BUDGET_TASKS = 16
 IMAGE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}")
 
 
@@ -55,6 +63,16 @@ class ChannelConfig:
     # sidecars are replaced per sync, and a sync replaces the next batch only this long after the last.
     rollout_batch: int = 5
     rollout_pause: int = 30
+    # The channel's budget (safespawn.budget): what all its sidecars together may use, whatever
+    # max_sidecars times each profile's own limits would come to. Defaults: a quarter of the host's
+    # memory (swap included), half its CPUs (at least one), 4096 tasks.
+    budget_memory: int = field(default_factory=lambda: DEFAULT_BUDGET_MEMORY_PCT * host_memory() // 100)
+    budget_cpus: float = field(default_factory=lambda: max(1.0, host_cpus() / 2))
+    budget_tasks: int = 4096
+
+    @property
+    def budget(self) -> ChannelBudget:
+        return ChannelBudget(self.budget_memory, self.budget_cpus, self.budget_tasks)
 
     @property
     def sidecar_user(self) -> tuple[int, int]:
@@ -187,9 +205,47 @@ def _parse_channel(name: str, t: dict[str, Any]) -> ChannelConfig:
         rollout_pause=_nonnegative(_take(t, "rollout_pause", int, where, _CHANNEL.rollout_pause),
                                    f"{where}.rollout_pause"),
     )
+    c = _parse_budget(c, t, where)
     if t:
         raise ConfigError(f"{where}: unknown keys {', '.join(sorted(t))}")
     return c
+
+
+def _parse_budget(c: ChannelConfig, t: dict[str, Any], where: str) -> ChannelConfig:
+    """budget_memory ("2g", "25%" of the host, bytes), budget_cpus (CPUs, or "50%" of the host's),
+    budget_tasks: checked here, so a typo never leaves a channel unbounded."""
+    total, cpus = host_memory(), host_cpus()
+    changes: dict[str, Any] = {}
+    if "budget_memory" in t:
+        v = t.pop("budget_memory")
+        try:
+            mem = parse_size(v, total)
+        except ValueError as e:
+            raise ConfigError(f"{where}.budget_memory: {e}") from None
+        if mem < MIN_BUDGET_MEMORY or (total and mem > total):
+            raise ConfigError(f"{where}.budget_memory: {mem} bytes is below 32m or above the host's memory")
+        changes["budget_memory"] = mem
+    if "budget_cpus" in t:
+        v = t.pop("budget_cpus")
+        try:
+            if isinstance(v, str) and v.strip().endswith("%"):
+                n = float(v.strip()[:-1]) * cpus / 100
+            elif isinstance(v, (int, float)) and not isinstance(v, bool):
+                n = float(v)
+            else:
+                raise ValueError
+        except ValueError:
+            raise ConfigError(f"{where}.budget_cpus: a number of CPUs (0.5) or a share of the host's (\"50%\")") \
+                from None
+        if not 0.01 <= n <= cpus:
+            raise ConfigError(f"{where}.budget_cpus: {n:g} is not between 0.01 and the host's {cpus} CPUs")
+        changes["budget_cpus"] = round(n, 2)
+    if "budget_tasks" in t:
+        n = _take(t, "budget_tasks", int, where, 0)
+        if not MIN_BUDGET_TASKS <= n <= 4194304:
+            raise ConfigError(f"{where}.budget_tasks: from {MIN_BUDGET_TASKS} to 4194304")
+        changes["budget_tasks"] = n
+    return replace(c, **changes) if changes else c
 
 
 def parse_config(data: dict[str, Any], path: Path | None = None) -> Config:

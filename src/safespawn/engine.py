@@ -611,8 +611,9 @@ class Reconciler:
         """
         if s.quick and self._all_run_as_recorded(s) and self._refresh_pid_files(s):
             changed = False
+            now = self.clock()
             for name, d in list(s.state.desired.items()):
-                if d.failures:
+                if d.failures and d.recovered(now, d.started_at):
                     s.state.desired[name] = replace(d, failures=0, next_retry=0.0)
                     changed = True
             if changed:
@@ -651,8 +652,10 @@ class Reconciler:
                         or not pidsignal.is_alive(ident):
                     # Running, but not as recorded (restarted by the runtime, recorded by an older
                     # version, or a stale record): record the process it runs as now.
-                    new = replace(d, failures=0, next_retry=0.0).running_as(pidsignal.identify(c.pid, c.id),
-                                                                            spec.spec_hash, c.started)
+                    # Its failures are forgotten only once it has run a while (crash loops keep
+                    # their backoff: DesiredSidecar.recovered).
+                    kept = replace(d, failures=0, next_retry=0.0) if d.recovered(now, c.started) else d
+                    new = kept.running_as(pidsignal.identify(c.pid, c.id), spec.spec_hash, c.started)
                     if ident is not None and ident.container_id == c.id and ident.pid != c.pid:
                         restarted.append(name)  # the same container, a new process: the runtime's restart
                     if new != d:
@@ -863,7 +866,7 @@ class Engine:
                  clock: Callable[[], float] = time.time) -> None:
         self.config = config
         b = config.broker
-        self.runtime: Runtime = runtime or make_runtime(b)
+        self.runtime: Runtime = runtime or make_runtime(b, {n: c.budget for n, c in config.channels.items()})
         self.policy = policy or Policy(config)
         self.clock = clock
         self.actor = Actor(self.runtime, b.parallel_starts)

@@ -359,6 +359,7 @@ def uninstall(cfg: Config, *, scope: str | None, unit_dir: Path | None, stop_sid
         if report.change(f"remove {p}{'/' if p.is_dir() else ''}"):
             if p == b.state_dir:
                 _remove_quiet(p / MANIFEST)
+                _remove_quiet(p / CGROUP_HOST_CACHE)
             shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
     if not dry_run:
         if remaining and os.path.isdir(b.state_dir):
@@ -369,8 +370,11 @@ def uninstall(cfg: Config, *, scope: str | None, unit_dir: Path | None, stop_sid
     return ExitCode.FAILED if failed else ExitCode.OK
 
 
+CGROUP_HOST_CACHE = "cgroup-host.json"  # budget.cached_detect's note, remade on demand
+
+
 def _only_manifest(p: Path) -> bool:
-    return [e.name for e in os.scandir(p)] == [MANIFEST]
+    return {e.name for e in os.scandir(p)} - {CGROUP_HOST_CACHE} == {MANIFEST}
 
 
 def _remove_quiet(p: Path) -> None:

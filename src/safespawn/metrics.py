@@ -24,6 +24,14 @@ What is exported (docs/operations.md has alert examples):
     safespawn_pending_requests{channel}                    gauge, inbox entries left after the sync
     safespawn_syncs_total{channel,result}                  counter; result = ok | failed
     safespawn_last_success_timestamp_seconds{channel}      gauge, unix time of the last good sync
+    safespawn_budget_memory_bytes{channel}                 gauge, the channel's sidecars' memory now
+    safespawn_budget_memory_limit_bytes{channel}           gauge, its budget (safespawn.budget)
+    safespawn_budget_tasks{channel}, _tasks_limit          gauges, processes and threads, and the budget
+    safespawn_budget_cpu_seconds_total{channel}            counter, CPU time used (since the cgroup was made)
+    safespawn_budget_cpu_throttled_seconds_total{channel}  counter, time held back by the CPU budget
+    safespawn_budget_cpu_limit{channel}                    gauge, the budget in CPUs
+(the budget families are read from the channel's cgroup when the file is written; absent before
+the channel's first sidecar start)
 """
 
 from __future__ import annotations
@@ -33,10 +41,12 @@ import fcntl
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import budget
+from .budget import BudgetUse
 from .files import atomic_write, open_dir
 
 log = logging.getLogger(__name__)
@@ -199,8 +209,10 @@ def _histogram(lines: list[str], name: str, channel: str, h: Histogram) -> None:
     lines.append(f"{name}_count{_labels(channel=channel)} {h.n}")
 
 
-def render(channels: Iterable[tuple[str, ChannelMetrics]]) -> str:
-    """The Prometheus text exposition format (version 0.0.4) of every channel's metrics."""
+def render(channels: Iterable[tuple[str, ChannelMetrics]],
+           budgets: Mapping[str, BudgetUse | None] | None = None) -> str:
+    """The Prometheus text exposition format (version 0.0.4) of every channel's metrics, with
+    `budgets`: each channel's use of its budget (budget.use_of)."""
     chans = list(channels)
     out: list[str] = []
 
@@ -248,6 +260,23 @@ def render(channels: Iterable[tuple[str, ChannelMetrics]]) -> str:
         out.append(f"safespawn_syncs_total{_labels(channel=ch, result='failed')} {m.syncs_failed}")
     per_channel("safespawn_last_success_timestamp_seconds", "gauge", "Unix time of the last successful sync.",
                 lambda m: _num(m.last_success))
+    uses = [(ch, u) for ch, _ in chans if (u := (budgets or {}).get(ch)) is not None]
+    for name, kind, help_, value in (
+            ("safespawn_budget_memory_bytes", "gauge", "Memory the channel's sidecars use together.",
+             lambda u: u.memory),
+            ("safespawn_budget_memory_limit_bytes", "gauge", "The channel's memory budget.", lambda u: u.memory_max),
+            ("safespawn_budget_tasks", "gauge", "Processes and threads of the channel's sidecars.", lambda u: u.tasks),
+            ("safespawn_budget_tasks_limit", "gauge", "The channel's task budget.", lambda u: u.tasks_max),
+            ("safespawn_budget_cpu_seconds_total", "counter", "CPU time the channel's sidecars used.",
+             lambda u: _num(u.cpu_seconds)),
+            ("safespawn_budget_cpu_throttled_seconds_total", "counter",
+             "Time the channel's sidecars were held back by the CPU budget.", lambda u: _num(u.throttled_seconds)),
+            ("safespawn_budget_cpu_limit", "gauge", "The channel's CPU budget, in CPUs.", lambda u: u.cpus_max)):
+        family(name, kind, help_)
+        for ch, u in uses:
+            v = value(u)
+            if v is not None:
+                out.append(f"{name}{_labels(channel=ch)} {v}")
     return "\n".join(out) + "\n"
 
 
@@ -286,7 +315,7 @@ def record(state_dir: str, channel: str, channel_names: Iterable[str], metrics_f
             for name in sorted(channel_names):
                 chans.append((name, m if name == channel else
                               ChannelMetrics.load(os.path.join(state_dir, name, STATE_FILE))))
-            write_file(metrics_file, render(chans))
+            write_file(metrics_file, render(chans, {name: budget.use_of(name) for name, _ in chans}))
     except OSError as e:
         log.warning("cannot write metrics to %s: %s", metrics_file, e)
 

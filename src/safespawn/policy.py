@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from . import pidfiles
+from .budget import parse_size
 from .config import ChannelConfig, Config
 from .errors import BadRequest, ConfigError, Interrupted, NotFound, PolicyDenied, QuotaExceeded
 from .request import SIGNALS, Request, has_control_char
@@ -167,6 +168,14 @@ def check_path(value: str, data_dirs: tuple[str, ...], option: str = "path", all
         raise PolicyDenied(f"{option}: {value[:80]!r} resolves outside the channel's data dirs")
 
 
+DEFAULT_MEMORY = 128 << 20
+DEFAULT_CPUS = 0.5
+DEFAULT_PIDS = 128
+DEFAULT_OOM_SCORE_ADJ = 500
+# podman refuses less than 6 MiB; a sidecar's limit above this is no limit worth the name.
+MIN_MEMORY, MAX_MEMORY = 8 << 20, 64 << 30
+
+
 @dataclass(frozen=True)
 class Profile:
     name: str
@@ -188,6 +197,12 @@ class Profile:
     # option -> "main" (the sidecar's main process) | "child" (its first child: keepalived's VRRP
     # process); the host writes these files with host pids, the program writes a private copy.
     pid_files: dict[str, str] = field(default_factory=dict)
+    # Per-sidecar limits (docs/security.md, "Resource exhaustion"); the defaults bound a profile
+    # that names none.
+    memory: int = DEFAULT_MEMORY
+    cpus: float = DEFAULT_CPUS
+    pids_limit: int = DEFAULT_PIDS
+    oom_score_adj: int = DEFAULT_OOM_SCORE_ADJ
 
     def private_pid_args(self, argv: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
         """argv with each pid-file value replaced by a private path in the sidecar's own /run, and
@@ -320,6 +335,36 @@ def _rule(option: str, t: dict[str, Any], where: str) -> ArgRule:
     return rule
 
 
+def _limits(d: dict[str, Any], where: str) -> dict[str, Any]:
+    """The profile's memory, cpus, pids_limit and oom_score_adj, checked: a bad value is a
+    ConfigError, never a sidecar without a limit."""
+    out: dict[str, Any] = {}
+    if "memory" in d:
+        try:
+            out["memory"] = parse_size(d.pop("memory"))
+        except ValueError as e:
+            raise ConfigError(f"{where}.memory: {e}") from None
+        if not MIN_MEMORY <= out["memory"] <= MAX_MEMORY:
+            raise ConfigError(f"{where}.memory: from 8m to 64g")
+    if "cpus" in d:
+        v = d.pop("cpus")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.01 <= v <= 64:
+            raise ConfigError(f"{where}.cpus: a number of CPUs from 0.01 to 64")
+        out["cpus"] = round(float(v), 2)
+    if "pids_limit" in d:
+        v = d.pop("pids_limit")
+        if isinstance(v, bool) or not isinstance(v, int) or not 8 <= v <= 65536:
+            raise ConfigError(f"{where}.pids_limit: an integer from 8 to 65536")
+        out["pids_limit"] = v
+    if "oom_score_adj" in d:
+        v = d.pop("oom_score_adj")
+        # DENY: a negative value would make the OOM killer spare a sidecar over host processes.
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 1000:
+            raise ConfigError(f"{where}.oom_score_adj: an integer from 0 to 1000 (never below the host's 0)")
+        out["oom_score_adj"] = v
+    return out
+
+
 def parse_profile(data: dict[str, Any], where: str) -> Profile:
     d = dict(data)
     try:
@@ -385,6 +430,7 @@ def parse_profile(data: dict[str, Any], where: str) -> Profile:
         description=str(d.pop("description", "")),
         pid_files=dict(pid_files),
         ready_pid_file=ready_pid_file,
+        **_limits(d, where),
     )
     if d:
         raise ConfigError(f"{where}: unknown keys {', '.join(sorted(d))}")
@@ -623,6 +669,7 @@ class Policy:
                         self.profiles[name] = load_profile(name, config.broker.profiles_dir)
         for ch in config.channels.values():
             check_mounts(ch, self.profiles)
+            check_budget(ch, self.profiles)
 
     def profile_for(self, channel: ChannelConfig, name: str | None) -> Profile:
         # DENY: a profile the host did not grant this channel, whatever else exists.
@@ -793,6 +840,10 @@ class Policy:
             stop_grace=profile.stop_grace,
             pid_files=pid_files,
             user=f"{uid}:{gid}",
+            pids_limit=profile.pids_limit,
+            memory=profile.memory,
+            cpus=profile.cpus,
+            oom_score_adj=profile.oom_score_adj,
         )
 
     def target_name(self, channel: ChannelConfig, request: Request) -> str:
@@ -838,6 +889,31 @@ def sidecar_for_pid(pid: int, main_pids: Iterable[int], host_pidns: tuple[int, i
             return main
     # DENY: anything else (another channel's sidecar, a reused pid): "No such process".
     return None
+
+
+def check_budget(channel: ChannelConfig, profiles: Mapping[str, Profile]) -> None:
+    """A channel's budget must hold at least one sidecar of each of its profiles (and its conmon):
+    a budget below that is a typo, and every start would fail."""
+    for name in channel.profiles:
+        p = profiles[name]
+        if channel.budget_memory < p.memory + (8 << 20):
+            raise ConfigError(f"channels.{channel.name}.budget_memory: {channel.budget_memory} bytes cannot hold one "
+                              f"{name} sidecar (memory {p.memory} bytes, plus 8m for its conmon)")
+        if channel.budget_tasks < p.pids_limit // 4:
+            raise ConfigError(f"channels.{channel.name}.budget_tasks: {channel.budget_tasks} is below a quarter of "
+                              f"one {name} sidecar's pids_limit ({p.pids_limit})")
+
+
+def budget_warnings(config: Config) -> list[str]:
+    """Channels whose budgets add up to more memory than the host should give its sidecars."""
+    from .budget import host_memory
+
+    total = sum(ch.budget_memory for ch in config.channels.values())
+    mem = host_memory()
+    if mem and total > mem * 3 // 4:
+        return [f"the channels' budget_memory add up to {total >> 20} MiB, over three quarters of the host's "
+                f"{mem >> 20} MiB: together their sidecars could still crowd out the host"]
+    return []
 
 
 def confinement_warnings(config: Config, policy: Policy) -> list[str]:

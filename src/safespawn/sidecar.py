@@ -48,8 +48,16 @@ class SidecarSpec:
     pid_host: bool
     read_only: bool
     stop_grace: int
-    restart_retries: int = 5
+    # podman restarts a failed sidecar at once, this many times, before the broker respawns it with
+    # backoff: a crash-looping sidecar costs at most 1 + restart_retries starts per respawn.
+    restart_retries: int = 3
     pids_limit: int = 256
+    # The profile's own limits (docs/security.md, "Resource exhaustion"): memory with swap
+    # included (bytes), CPUs, and how much the kernel's OOM killer prefers this sidecar's
+    # processes over the host's (0..1000). The channel's budget bounds all sidecars together.
+    memory: int = 128 << 20
+    cpus: float = 0.5
+    oom_score_adj: int = 500
     # (path the agent named, "main" | "child"): pid files the host writes with host pids.
     pid_files: tuple[tuple[str, str], ...] = ()
     user: str = "0:0"  # host uid:gid the program runs as (--user)

@@ -28,6 +28,10 @@ LEDGER_KEEP_SECONDS = 7 * 24 * 3600
 LEDGER_COMPACT_LINES = 50_000
 
 
+# Seconds a respawned sidecar must run before its failures are forgotten (DesiredSidecar.recovered).
+STABLE_AFTER = 60.0
+
+
 @dataclass(frozen=True)
 class DesiredSidecar:
     name: str
@@ -76,6 +80,14 @@ class DesiredSidecar:
     def failed(self, now: float) -> DesiredSidecar:
         n = self.failures + 1
         return replace(self, failures=n, next_retry=now + min(2.0 ** n, 300.0))
+
+    def recovered(self, now: float, started: int) -> bool:
+        """Whether the respawn backoff may start over: no failures, or the process it runs now
+        (`started`, unix seconds; 0: unknown) has run for STABLE_AFTER seconds. A sidecar that
+        crashes soon after each start (OOM-killed at start, a config it rejects late) is seen
+        running between crashes: forgetting its failures then would respawn it without backoff,
+        again and again."""
+        return not self.failures or not started or now - started >= STABLE_AFTER
 
 
 @dataclass(frozen=True)

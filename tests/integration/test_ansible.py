@@ -398,7 +398,8 @@ def test_check_mode_on_a_deployed_host_reports_no_change(host: Host) -> None:
 
 def test_a_config_change_reconciles_without_reinstalling(host: Host) -> None:
     channel = host.role_vars()["safespawn_channels"][0]
-    changed = [dict(channel, max_sidecars=9, rollout_batch=3, rollout_pause=7)]
+    changed = [dict(channel, max_sidecars=9, rollout_batch=3, rollout_pause=7, budget_memory="512m", budget_cpus=0.5,
+                    budget_tasks=300)]
     # A custom profile too: the built-in dnsmasq one, as an operator would start an override.
     dnsmasq = (REPO / "src" / "safespawn" / "profiles" / "dnsmasq.toml").read_text()
     prom = Path(tempfile.mkdtemp(prefix="sst-textfile-")) / "safespawn.prom"  # outside the snapshot
@@ -406,7 +407,8 @@ def test_a_config_change_reconciles_without_reinstalling(host: Host) -> None:
                   safespawn_metrics_file=str(prom))
     ok(p)
     assert "+max_sidecars = 9" in p.stdout
-    for line in (f'+metrics_file = "{prom}"', "+rollout_batch = 3", "+rollout_pause = 7"):
+    for line in (f'+metrics_file = "{prom}"', "+rollout_batch = 3", "+rollout_pause = 7", '+budget_memory = "512m"',
+                 "+budget_cpus = 0.5", "+budget_tasks = 300"):
         assert line in p.stdout, line
     names = changed_tasks(p)
     assert names == ["Write the custom profiles", "Write the host configuration, checked by safespawn before it is put in place",

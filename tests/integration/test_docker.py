@@ -55,6 +55,13 @@ def test_the_dnsmasq_sidecar_runs_in_the_requested_netns_through_the_oci_runtime
     assert (got.st_dev, got.st_ino) == (want.st_dev, want.st_ino)
     host = os.stat("/proc/self/ns/net")  # the broker's (the host's) own
     assert (got.st_dev, got.st_ino) != (host.st_dev, host.st_ino)
+    # The profile's limits and the channel's budget cgroup, as with podman (docs/security.md).
+    hc = insp["HostConfig"]
+    assert hc["Memory"] == hc["MemorySwap"] == 64 << 20 and hc["NanoCpus"] == 500_000_000
+    assert hc["PidsLimit"] == 64 and hc["OomScoreAdj"] == 500
+    assert hc["CgroupParent"] == f"/safespawn/{broker.channel}"
+    mem = Path(f"/proc/{r['pid']}/cgroup").read_text()
+    assert f":memory:/safespawn/{broker.channel}/" in mem, mem
 
 
 # -- the OCI runtime, given hostile values directly --------------------------------------------------

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from safespawn import client
+from safespawn import budget, client
 from safespawn.config import load_config
 from safespawn.engine import Engine
 from safespawn.inbox import create_channel_dirs
@@ -32,6 +32,22 @@ if TYPE_CHECKING:
 
 TEST_IMAGE = os.environ.get("SAFESPAWN_TEST_IMAGE", "localhost/safespawn-test:latest")
 REPO = Path(__file__).resolve().parents[2]
+
+
+def remove_budget_cgroups(channel: str) -> None:
+    """The channel's budget cgroups (safespawn.budget), once its containers are gone: bottom-up."""
+    global _CGROUP_HOST
+    if _CGROUP_HOST is None:
+        try:
+            _CGROUP_HOST = budget.detect()
+        except Exception:
+            return
+    deadline = time.monotonic() + 5
+    while not budget.remove(_CGROUP_HOST, channel) and time.monotonic() < deadline:
+        time.sleep(0.1)  # conmon outlives `podman rm` briefly
+
+
+_CGROUP_HOST: budget.CgroupHost | None = None
 
 
 def unique_channel(prefix: str = "t") -> str:
@@ -174,6 +190,7 @@ class Broker:
             if ids:
                 subprocess.run(["podman", "rm", "-f", "-t", "0", *ids], capture_output=True, timeout=120,
                                check=False)
+            remove_budget_cgroups(ch)
 
     def __enter__(self) -> Broker:
         return self

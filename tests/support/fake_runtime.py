@@ -51,6 +51,8 @@ class FakeRuntime:
         self.calls: list[tuple[str, str | None]] = []
         self.signals: list[tuple[str, str]] = []  # (name, signal) actually delivered
         self.next_pid: int | None = None  # the pid of the next container run (default: a fresh fake pid)
+        # Set: containers report their start (unix seconds) from it, as podman does; None: unknown (0).
+        self.clock: Callable[[], float] | None = None
         self._pids = _fake_pids()
         self._ids = itertools.count(1)
         self._injections: dict[str, list[_Injection]] = {}
@@ -123,7 +125,8 @@ class FakeRuntime:
         with self._lock:
             if self.next_pid is not None:
                 pid, self.next_pid = self.next_pid, None
-        self.containers[spec.name] = Container(cid, spec.name, "running", pid, dict(spec.labels))
+        started = int(self.clock()) if self.clock is not None else 0
+        self.containers[spec.name] = Container(cid, spec.name, "running", pid, dict(spec.labels), started=started)
         self.specs[spec.name] = spec
         self._leave(inj)
         return cid

@@ -30,7 +30,7 @@ SRC = REPO / "src" / "safespawn"
 AGENT = {"client", "neutron_pm", "neutron_hook", "launcher"}  # in the agent container, Python 3.9+, stdlib
 OCI_SHIM = {"ociruntime"}  # exec'd by dockerd on the host for every runc call
 HOST = {
-    "__init__", "adopt", "audit", "cli", "config", "engine", "errors", "files", "inbox", "install", "metrics",
+    "__init__", "adopt", "audit", "budget", "cli", "config", "engine", "errors", "files", "inbox", "install", "metrics",
     "pidfiles", "pidsignal", "policy", "readiness", "request", "rollout", "sidecar", "state", "units", "watch",
     "wrappers", "profiles/__init__", "runtime/__init__", "runtime/base", "runtime/checks", "runtime/conmon",
     "runtime/docker", "runtime/podman",

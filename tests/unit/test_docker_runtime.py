@@ -46,7 +46,7 @@ def test_nothing_from_the_request_goes_before_the_image_in_docker_run():
     assert {a for a in before if a.startswith("--cap-add=")} == {
         f"--cap-add={c}" for c in ("NET_ADMIN", "NET_RAW", "NET_BIND_SERVICE", "SETUID", "SETGID")}
     for opt in ("--security-opt=no-new-privileges", "--read-only", "--runtime=safespawn", "--network=none",
-                "--cgroupns=private", "--pull=never", "--entrypoint=dnsmasq", "--restart=on-failure:5",
+                "--cgroupns=private", "--pull=never", "--entrypoint=dnsmasq", "--restart=on-failure:3",
                 f"--env=SAFESPAWN_NETNS={NS}", "--env=SAFESPAWN_PROFILE=dnsmasq",
                 "--mount=type=bind,source=/var/lib/neutron,target=/var/lib/neutron",
                 "--tmpfs=/run:rw,nosuid,nodev,noexec,size=16m"):

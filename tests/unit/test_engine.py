@@ -17,6 +17,7 @@ import pytest
 from support.engine_host import CH, Host
 
 from safespawn import client
+from safespawn.state import STABLE_AFTER
 from safespawn.errors import ChannelLocked, RuntimeFailed
 from safespawn.request import parse_request
 from safespawn.sidecar import LABEL_CHANNEL
@@ -212,6 +213,27 @@ def test_a_dead_sidecar_is_respawned_with_backoff(host: Host) -> None:
     host.sync()
     host.sync()  # seen running: the backoff is reset
     assert host.running() == [name] and host.state().desired[name].failures == 0
+
+
+def test_a_crash_looping_sidecar_keeps_its_backoff_until_it_has_run_a_while(host: Host) -> None:
+    """Seen running between crashes (podman's own restarts, a crash soon after each start) does
+    not reset the backoff; running STABLE_AFTER seconds does."""
+    host.rt.clock = host.clock
+    name = host.ask(host.start("a"))["sidecar"]
+    delays = []
+    for _ in range(4):
+        host.rt.crash(name)
+        host.sync()  # respawned: seen as a failure until it has run a while
+        d = host.state().desired[name]
+        delays.append(d.next_retry - host.clock.now)
+        host.clock.now += 1
+        host.sync()  # seen running one second later: still in backoff
+        assert host.state().desired[name].failures == d.failures
+        host.clock.now = d.next_retry + 0.1
+    assert delays == [2, 4, 8, 16]  # grows, as it would not if each sighting reset it
+    host.clock.now += STABLE_AFTER
+    host.sync()
+    assert host.state().desired[name].failures == 0
 
 
 def test_a_sidecar_no_longer_allowed_is_dropped_not_respawned(host: Host) -> None:

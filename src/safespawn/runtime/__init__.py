@@ -19,8 +19,10 @@ and checks.py choose which CLI to call on their own.) tests/unit/test_public_sur
 method set.
 """
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from ..budget import ChannelBudget
 from ..config import BrokerConfig
 from .base import Container, Runtime
 from .podman import PodmanRuntime
@@ -29,13 +31,15 @@ if TYPE_CHECKING:
     from .docker import DockerRuntime
 
 
-def make_runtime(broker: BrokerConfig) -> Runtime:
-    """The runtime `[broker] runtime` names, with its CLI path and per-call timeout."""
+def make_runtime(broker: BrokerConfig, budgets: Mapping[str, ChannelBudget] | None = None) -> Runtime:
+    """The runtime `[broker] runtime` names, with its CLI path and per-call timeout; with `budgets`
+    (channel -> ChannelBudget), it starts each channel's sidecars inside the channel's budget."""
     if broker.runtime == "docker":
         from .docker import DockerRuntime  # only a Docker host pays for its import
 
-        return DockerRuntime(broker.docker, broker.docker_host, broker.docker_oci_runtime, broker.podman_timeout)
-    return PodmanRuntime(broker.podman, broker.podman_timeout, str(broker.state_dir))
+        return DockerRuntime(broker.docker, broker.docker_host, broker.docker_oci_runtime, broker.podman_timeout,
+                             budgets)
+    return PodmanRuntime(broker.podman, broker.podman_timeout, str(broker.state_dir), budgets)
 
 
 def __getattr__(name: str) -> Any:

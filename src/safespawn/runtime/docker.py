@@ -16,20 +16,23 @@ import json
 import logging
 import os
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
+from .. import budget
 from ..errors import RuntimeFailed
 from ..ociruntime import ENV_NETNS, ENV_PROFILE
 from ..sidecar import LABEL_CHANNEL, SidecarSpec
 from .base import Container
+from .podman import limit_args
 
 log = logging.getLogger(__name__)
 DEFAULT_OCI_RUNTIME = "safespawn"
 
 
-def run_argv(spec: SidecarSpec, docker: str = "docker", oci_runtime: str = DEFAULT_OCI_RUNTIME) -> list[str]:
+def run_argv(spec: SidecarSpec, docker: str = "docker", oci_runtime: str = DEFAULT_OCI_RUNTIME,
+             cgroup_parent: str | None = None) -> list[str]:
     """The full `docker run` command line for a spec.
 
     As for podman: every host-side value is fused into one `--option=value` token and the request's
@@ -56,9 +59,12 @@ def run_argv(spec: SidecarSpec, docker: str = "docker", oci_runtime: str = DEFAU
     for d in spec.mounts:
         # nosuid,nodev,noexec: added by the OCI runtime (docker -v cannot say it).
         argv.append(f"--mount=type=bind,source={d},target={d}")
+    # The same limits as with podman (memory with swap, CPUs, pids, OOM preference) and the
+    # channel's budget cgroup: dockerd takes --cgroup-parent as a path (cgroupfs driver) or a slice
+    # (systemd driver), as podman does.
+    argv += limit_args(spec, cgroup_parent)
     argv += [
         f"--restart=on-failure:{spec.restart_retries}",
-        f"--pids-limit={spec.pids_limit}",
         "--log-driver=json-file",
         "--log-opt=max-size=1m",
         "--stop-signal=TERM",
@@ -97,8 +103,10 @@ def _container(r: dict[str, Any]) -> Container:
 
 class DockerRuntime:
     def __init__(self, docker: str = "docker", docker_host: str = "", oci_runtime: str = DEFAULT_OCI_RUNTIME,
-                 timeout: int = 60) -> None:
+                 timeout: int = 60, budgets: Mapping[str, budget.ChannelBudget] | None = None) -> None:
         self.docker = docker
+        self.budgets = dict(budgets or {})
+        self._cgroup_host: budget.CgroupHost | None = None
         self.oci_runtime = oci_runtime
         self.timeout = timeout
         self.env = dict(os.environ)
@@ -152,7 +160,26 @@ class DockerRuntime:
         return {c.name: c for c in map(_container, self._inspect_rows(names))}
 
     def run(self, spec: SidecarSpec) -> str:
-        return self._run(run_argv(spec, self.docker, self.oci_runtime)[1:]).strip()
+        parent = self.cgroup_parent(spec.channel)
+        return self._run(run_argv(spec, self.docker, self.oci_runtime, parent)[1:]).strip()
+
+    @property
+    def cgroup_host(self) -> budget.CgroupHost:
+        """dockerd's cgroup driver and version (`docker info`), asked once."""
+        if self._cgroup_host is None:
+            out = self._run(["info", "--format={{json .CgroupDriver}} {{json .CgroupVersion}}"]).split()
+            driver, version = (json.loads(v) for v in out[:2]) if len(out) >= 2 else ("", "")
+            if driver not in ("cgroupfs", "systemd") or str(version) not in ("1", "2"):
+                raise RuntimeFailed(f"docker info names no cgroup driver/version: {out[:2]}")
+            self._cgroup_host = budget.CgroupHost(str(driver), int(version))
+        return self._cgroup_host
+
+    def cgroup_parent(self, channel: str) -> str | None:
+        """As PodmanRuntime.cgroup_parent: the channel's budget cgroup, holding its budget now."""
+        b = self.budgets.get(channel)
+        if b is None:
+            return None
+        return budget.ensure(self.cgroup_host, channel, b)
 
     def run_pid(self, name: str) -> int:
         return 0  # `docker run` writes no pid file: the start is checked with `docker inspect`

@@ -9,10 +9,11 @@ import re
 import stat
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
+from .. import budget
 from ..errors import RuntimeFailed
 from ..pidfiles import read_pid_file
 from ..sidecar import LABEL_CHANNEL, SidecarSpec
@@ -22,7 +23,24 @@ from .base import Container
 log = logging.getLogger(__name__)
 
 
-def run_argv(spec: SidecarSpec, podman: str = "podman", pidfile: str | None = None) -> list[str]:
+def limit_args(spec: SidecarSpec, cgroup_parent: str | None) -> list[str]:
+    """The sidecar's own limits, and the channel's budget cgroup it goes under (safespawn.budget).
+    `--memory-swap` equal to `--memory`: swap is no way around the memory limit. Docker takes the
+    same options (runtime/docker.py)."""
+    argv = [
+        f"--memory={spec.memory}",
+        f"--memory-swap={spec.memory}",
+        f"--cpus={spec.cpus:g}",
+        f"--pids-limit={spec.pids_limit}",
+        f"--oom-score-adj={spec.oom_score_adj}",
+    ]
+    if cgroup_parent:
+        argv.append(f"--cgroup-parent={cgroup_parent}")
+    return argv
+
+
+def run_argv(spec: SidecarSpec, podman: str = "podman", pidfile: str | None = None,
+             cgroup_parent: str | None = None) -> list[str]:
     """The full `podman run` command line for a spec.
 
     Everything before the image comes from the host: the profile, the channel config, and the
@@ -51,9 +69,9 @@ def run_argv(spec: SidecarSpec, podman: str = "podman", pidfile: str | None = No
         argv.append(f"--tmpfs={t}:rw,nosuid,nodev,noexec,size=16m")
     for d in spec.mounts:
         argv.append(f"--volume={d}:{d}:rw,nosuid,nodev,noexec")
+    argv += limit_args(spec, cgroup_parent)
     argv += [
         f"--restart=on-failure:{spec.restart_retries}",
-        f"--pids-limit={spec.pids_limit}",
         "--log-opt=max-size=1mb",
         "--stop-signal=TERM",
         f"--stop-timeout={spec.stop_grace}",
@@ -69,10 +87,15 @@ class PodmanRuntime:
     new container's host pid, so that a start can be checked through /proc without a `podman
     inspect` (engine.Verifier); None: no pid files, every start is inspected."""
 
-    def __init__(self, podman: str = "podman", timeout: int = 60, pid_dir: str | None = None) -> None:
+    def __init__(self, podman: str = "podman", timeout: int = 60, pid_dir: str | None = None,
+                 budgets: Mapping[str, budget.ChannelBudget] | None = None,
+                 cgroup_host: budget.CgroupHost | None = None) -> None:
         self.podman = podman
         self.timeout = timeout
         self.pid_dir = pid_dir
+        # channel -> its budget: each start first makes the channel's parent cgroup hold it.
+        self.budgets = dict(budgets or {})
+        self._cgroup_host = cgroup_host
         self._pids: dict[str, int] = {}
         self._ready: set[str] = set()
         # Without $INVOCATION_ID, so that podman gives each conmon a cgroup of its own even when the
@@ -144,7 +167,8 @@ class PodmanRuntime:
     def run(self, spec: SidecarSpec) -> str:
         self._pids.pop(spec.name, None)
         pidfile = self._pidfile(spec)
-        cid = self._run(run_argv(spec, self.podman, pidfile)[1:]).strip()
+        parent = self.cgroup_parent(spec.channel)
+        cid = self._run(run_argv(spec, self.podman, pidfile, parent)[1:]).strip()
         self._release_conmon()
         if pidfile is not None and self.pid_dir is not None:
             # Walked to from the state dir without following a link; a plain, singly linked file.
@@ -158,6 +182,21 @@ class PodmanRuntime:
             self._cgroup_mounts = conmon.tracking_mounts()
         if conmon.release(self._cgroup_mounts):
             log.debug("moved conmon out of this process's cgroup")
+
+    @property
+    def cgroup_host(self) -> budget.CgroupHost:
+        if self._cgroup_host is None:
+            self._cgroup_host = budget.cached_detect(self.podman, self.pid_dir, self.timeout)
+        return self._cgroup_host
+
+    def cgroup_parent(self, channel: str) -> str | None:
+        """The channel's budget cgroup, made to hold its budget now; None for a channel without one
+        (a runtime made without budgets: tools that only list). Raises RuntimeFailed rather than
+        start a sidecar outside its channel's budget."""
+        b = self.budgets.get(channel)
+        if b is None:
+            return None
+        return budget.ensure(self.cgroup_host, channel, b)
 
     def run_pid(self, name: str) -> int:
         return self._pids.pop(name, 0)
