@@ -17,6 +17,10 @@ without opening it. A directory at the path is refused. Nothing here ever create
 Because the walk holds directory fds, a component swapped for a symlink after it was opened does
 not redirect the write; a directory renamed elsewhere stays inside the data dir's mount (rename
 across mounts fails), so the write still lands under the data dir.
+
+The same walk hands a file the program writes itself (the profile's ``writable_files``: dnsmasq's
+lease file) to the sidecar's unprivileged uid before each start (``hand_over_file``), so a sidecar
+that is not root can write that one file in a directory a root agent owns.
 """
 
 from __future__ import annotations

@@ -17,6 +17,10 @@ A request chooses among what the host configured; it never adds to it.
   network namespace, and not be the host's own.
 - **Pid files** the profile declares are the host's to write (host pids): the program gets a
   private path in its own /run instead (`Profile.private_pid_args`).
+- The **uid** a sidecar runs as is the channel's own (config.ChannelConfig.sidecar_user: allocated,
+  never 0 unless configured), without SETUID/SETGID; files the program writes are handed to it
+  (`writable_files`), options that switch users are left out (`user_options`); a profile with
+  `run_as = "agent"` runs as the agent's uid (`sidecar_user`).
 - A **pid** in a signal or stop reaches a sidecar only if it is the sidecar's main process or a
   process of that sidecar's own pid namespace (`sidecar_for_pid`).
 
