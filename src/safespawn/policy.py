@@ -197,6 +197,10 @@ class Profile:
     # program that must use the agent's private files (the state-change monitor connects to the
     # agent's unix socket); with a root agent that is uid 0, which check-config reports.
     run_as: str = "channel"
+    # "channel": the sidecar's gid is the channel's (the default). "agent": its uid stays the
+    # channel's own but its gid is the agent's, for a program that connects to a socket the agent
+    # makes group-writable (haproxy: Neutron's metadata socket, metadata_proxy_socket_mode = group).
+    group: str = "channel"
 
     def without_user_options(self, argv: tuple[str, ...]) -> tuple[str, ...]:
         """argv (already checked) minus the user_options and their values."""
@@ -398,6 +402,9 @@ def parse_profile(data: dict[str, Any], where: str) -> Profile:
     run_as = d.pop("run_as", "channel")
     if run_as not in ("channel", "agent"):
         raise ConfigError(f"{where}: run_as must be \"channel\" or \"agent\"")
+    group = d.pop("group", "channel")
+    if group not in ("channel", "agent"):
+        raise ConfigError(f"{where}: group must be \"channel\" or \"agent\"")
     tmpfs = tuple(d.pop("tmpfs", ["/run", "/tmp"]))
     if pid_files and "/run" not in tmpfs:
         raise ConfigError(f"{where}: pid_files needs /run in tmpfs (the program's private pid file goes there)")
@@ -421,6 +428,7 @@ def parse_profile(data: dict[str, Any], where: str) -> Profile:
         writable_files=writable,
         user_options=user_options,
         run_as=run_as,
+        group=group,
     )
     if d:
         raise ConfigError(f"{where}: unknown keys {', '.join(sorted(d))}")
@@ -865,7 +873,12 @@ def sidecar_user(channel: ChannelConfig, profile: Profile) -> tuple[int, int]:
     if profile.run_as == "agent":
         # ALLOW (profile's choice, host config): the program must use the agent's own files.
         return channel.agent_uid, channel.agent_gid
-    return channel.sidecar_user
+    uid, gid = channel.sidecar_user
+    if profile.group == "agent":
+        # ALLOW (profile's choice): the agent's group, for a socket the agent makes group-writable;
+        # the uid, which per-uid kernel limits count, stays the channel's own.
+        return uid, channel.agent_gid
+    return uid, gid
 
 
 def sidecar_for_pid(pid: int, main_pids: Iterable[int], host_pidns: tuple[int, int] | None = None) -> int | None:

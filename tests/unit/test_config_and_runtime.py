@@ -242,6 +242,12 @@ def test_an_unprivileged_sidecar_gets_its_writable_files_and_loses_the_user_to_s
         "--conf_dir", "/var/lib/neutron/ha_confs/r", "--pid_file", "/var/lib/neutron/ha_confs/r.monitor.pid",
         "--state_path", "/var/lib/neutron")))
     assert mon.user == "0:0" and mon.capabilities == (), "run_as = agent: the (root) agent's uid, no capability"
+    uid = allocated_uid("l3")
+    cfg2 = parse_config({**CFG, "channels": {"l3": {"image": "x", "profiles": ["haproxy"], "agent_gid": 42436}}})
+    p2 = Policy(cfg2, host_ns=[])
+    p2.check_netns = lambda profile, netns, resolve=True: f"/run/netns/{netns}"  # type: ignore[method-assign]
+    hap = p2.authorize_start(cfg2.channel("l3"), Request("a" * 32, "start", "haproxy", ns, ()))
+    assert hap.user == f"{uid}:42436", "haproxy: the channel's own uid, the agent's gid (its metadata socket)"
     dhcp = _spec({"data_dirs": ["/var/lib/neutron"]})
     assert dhcp.writable_files == ()
     ns4 = "qdhcp-11111111-2222-3333-4444-555555555555"
