@@ -129,6 +129,21 @@ def test_the_rewrite_sets_only_the_netns_path_and_hardens_bind_mounts():
     assert out["process"] == CONFIG["process"]
 
 
+def test_the_rewrite_makes_a_non_root_sidecars_granted_capabilities_ambient_and_nothing_more():
+    cfg = copy.deepcopy(CONFIG)
+    cfg["process"]["user"] = {"uid": 2046820353, "gid": 2046820353}
+    cfg["process"]["capabilities"] = {"bounding": ["CAP_NET_ADMIN", "CAP_NET_RAW"],
+                                      "effective": ["CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_SYS_ADMIN"],
+                                      "permitted": ["CAP_NET_ADMIN", "CAP_NET_RAW"]}
+    root = copy.deepcopy(cfg)
+    caps = rewrite(cfg, 7, 1234)["process"]["capabilities"]
+    # CAP_SYS_ADMIN is in no bounding set: never made ambient (podman gives a non-root process the same).
+    assert caps["ambient"] == caps["inheritable"] == ["CAP_NET_ADMIN", "CAP_NET_RAW"]
+    assert caps["bounding"] == caps["permitted"] == ["CAP_NET_ADMIN", "CAP_NET_RAW"]
+    root["process"]["user"] = {"uid": 0, "gid": 0}
+    assert "ambient" not in rewrite(root, 7, 1234)["process"]["capabilities"], "root keeps its caps anyway"
+
+
 @pytest.mark.parametrize("namespaces", [
     [{"type": "pid"}],  # no network entry: the host's netns
     [{"type": "network", "path": "/proc/1/ns/net"}],  # already another namespace
