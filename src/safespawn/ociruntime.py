@@ -18,13 +18,13 @@ For `create` (and `run`) it reads B/config.json and, as a checklist:
    (/proc/PID/fd/N of this very process, which is runc once exec'd, so no rename can swap it);
 4. adds nosuid,nodev,noexec to every bind mount (Docker's -v has no such options);
 5. for a process that is not uid 0 (each channel's own sidecar uid), makes the capabilities Docker
-   granted it ambient (and inheritable, which ambient requires), as podman does: Docker leaves
-   them out, so the program would lose them at its execve ("dnsmasq: process is missing required
-   capability NET_ADMIN");
+   granted it (its bounding set: all Docker writes for a non-root user) effective, permitted,
+   inheritable and ambient, as podman does for `--user`: otherwise the program has none after its
+   execve ("dnsmasq: process is missing required capability NET_ADMIN");
 6. writes config.json back atomically and execs runc with every argument untouched.
 Every other subcommand (start, state, kill, delete, ...) is runc's at once. Nothing here adds a
-device, a mount or a namespace, nor a capability outside what Docker put in the bounding, effective
-and permitted sets: the container gets no more than Docker gave it.
+device, a mount or a namespace, nor a capability outside the bounding set Docker wrote: the
+container gets no more than Docker granted it.
 A value that fails a check stops the create with an error; Docker then reports the start as failed.
 """
 
@@ -157,11 +157,12 @@ def rewrite(config: dict[str, Any], fd: int | None, pid: int) -> dict[str, Any]:
     user = process.get("user") if isinstance(process, dict) else None
     caps = process.get("capabilities") if isinstance(process, dict) else None
     if isinstance(user, dict) and user.get("uid", 0) != 0 and isinstance(caps, dict):
-        granted = [c for c in caps.get("effective") or [] if isinstance(c, str)
-                   and c in (caps.get("bounding") or []) and c in (caps.get("permitted") or [])]
-        # ALLOW: only what Docker granted (in all three sets) survives the program's execve.
-        caps["inheritable"] = list(granted)
-        caps["ambient"] = list(granted)
+        # Docker (20.10.14 on) writes only the bounding set for a non-root user: the capabilities
+        # the container was granted (--cap-drop=ALL plus the profile's --cap-add).
+        granted = [c for c in caps.get("bounding") or [] if isinstance(c, str)]
+        # ALLOW: exactly the bounding set, as podman gives a --user process: nothing beyond it.
+        for kind in ("effective", "permitted", "inheritable", "ambient"):
+            caps[kind] = list(granted)
     return config
 
 
