@@ -149,7 +149,8 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
         print(json.dumps(out if not args.channel else out[0], indent=1))
         return ExitCode.OK
     for st in out:
-        print(f"channel {st['channel']}: {len(st['sidecars'])} sidecar(s)")
+        print(f"channel {st['channel']}: {len(st['sidecars'])} sidecar(s), sidecar uid:gid {st.get('sidecar_user')} "
+              f"({st.get('sidecar_user_source')})")
         ro = st.get("rollout") or {}
         if ro.get("target") or ro.get("outdated") or ro.get("state", "done") != "done":
             print(f"  rollout: {ro['state']}, {ro['replaced']}/{ro['total']} replaced in {ro['batches']} batch(es), "
@@ -164,10 +165,11 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
                   f"tasks {use['tasks']}/{use['tasks_max']}, CPU {use['cpu_seconds']:.1f} s used at most "
                   f"{use['cpus_max']} CPUs ({use['cpu_throttled_seconds']:.1f} s held back)")
         if st["sidecars"]:
-            print(f"  {'NAME':<60} {'PROFILE':<12} {'STATE':<9} {'PID':>8}  RESTARTS  SPEC")
+            print(f"  {'NAME':<60} {'PROFILE':<12} {'STATE':<9} {'PID':>8}  RESTARTS  {'SPEC':<8}  UID:GID")
             for s in st["sidecars"]:
                 print(f"  {s['name']:<60} {s['profile']:<12} {s['state']:<9} {str(s['pid'] or '-'):>8}  "
-                      f"{s['restarts']:<8}  {'outdated' if s.get('outdated') else 'current'}")
+                      f"{s['restarts']:<8}  {'outdated' if s.get('outdated') else 'current':<8}  "
+                      f"{s.get('user') or '-'}")
         if st["refusals"]:
             print("  recent refusals:")
             for e in st["refusals"]:
@@ -230,13 +232,16 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace, cfg: Config) -> int:
+    from .config import host_id_conflicts
     from .policy import Policy, budget_warnings, confinement_warnings
     from .runtime.checks import static_checks
 
     policy = Policy(cfg)  # loads and validates every profile the channels name
     for ch in cfg.channels.values():
+        uid, gid = ch.sidecar_user
         print(f"channel {ch.name}: image {ch.image}, profiles {', '.join(ch.profiles)}, "
-              f"data dirs {', '.join(ch.data_dirs) or '-'}")
+              f"data dirs {', '.join(ch.data_dirs) or '-'}, sidecar uid:gid {uid}:{gid} "
+              f"({'allocated' if ch.sidecar_uid_allocated else 'configured'})")
         print(f"  budget: memory {ch.budget_memory >> 20} MiB (swap included), {ch.budget_cpus:g} CPUs, "
               f"{ch.budget_tasks} tasks; per sidecar: " + ", ".join(
                   f"{n} {policy.profiles[n].memory >> 20} MiB/{policy.profiles[n].cpus:g} CPU/"
@@ -249,9 +254,19 @@ def cmd_check_config(args: argparse.Namespace, cfg: Config) -> int:
         print(f"WARNING: {w}", file=sys.stderr)
     for w in confinement_warnings(cfg, policy):
         print(f"WARNING: {w}", file=sys.stderr)
-    failed = [c for c in static_checks(cfg) if not c.ok]
-    for c in failed:
+    checks = [c for c in static_checks(cfg) if not c.ok]
+    failed = [c.what for c in checks]
+    for c in checks:
         print(f"{cfg.path}: {c.what}: {c.fix}", file=sys.stderr)
+    for ch, why in host_id_conflicts(cfg):
+        # DENY (allocated): the default must never be a uid a host service uses; a configured one
+        # is the operator's explicit choice and only warned about.
+        if ch.sidecar_uid_allocated:
+            failed.append(why)
+            print(f"{cfg.path}: channel {ch.name}: allocated sidecar uid clashes with this host: {why}; set "
+                  "[broker] sidecar_uids to a free range, or the channel's sidecar_uid", file=sys.stderr)
+        else:
+            print(f"WARNING: channel {ch.name}: sidecar_uid: {why}", file=sys.stderr)
     if failed:
         return ExitCode.FAILED
     print(f"{cfg.path}: OK (runtime {cfg.broker.runtime}; `safespawn doctor` checks that it works)")

@@ -19,6 +19,7 @@ The host decides everything that matters; a request only chooses among what is c
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import tomllib
@@ -39,6 +40,21 @@ DEFAULT_BUDGET_MEMORY_PCT = 25
 MIN_BUDGET_MEMORY = 32 << 20
 MIN_BUDGET_TASKS = 16
 IMAGE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}")
+# Where channels' sidecar uids come from when a channel names none: [first, count]. 0x7A000000 is
+# above the uids of accounts and of user-namespace mappings (/etc/subuid ranges start at 100000,
+# systemd's container range ends at 0x6FFFFFFF) and below 2^31 (some tools treat uid_t as signed);
+# it stays clear of systemd's "foreign" range at 0x7FFE0000 (docs/security.md, "Sidecar uids").
+DEFAULT_SIDECAR_UIDS = (0x7A000000, 0x01000000)
+MAX_ID = 4294967294
+
+
+def allocated_uid(channel: str, uids: tuple[int, int] = DEFAULT_SIDECAR_UIDS) -> int:
+    """The uid (and gid) a channel's sidecars get when it configures none: derived from its name
+    alone, so it is the same on every host, after every restart and upgrade, whatever other channels
+    are configured. Two channels that land on one uid are a configuration error (parse_config)."""
+    first, count = uids
+    h = int.from_bytes(hashlib.sha256(f"safespawn-sidecar-uid:{channel}".encode()).digest()[:8], "big")
+    return first + h % count
 
 
 @dataclass(frozen=True)
@@ -55,10 +71,15 @@ class ChannelConfig:
     agent_uid: int = 0
     agent_gid: int = 0
     # Host uid/gid the sidecars run as (podman --user, with the profile's capabilities as ambient
-    # ones); None = the agent's. The sidecar must be able to read what the agent writes in the data
-    # dirs and write leases/state files there: the agent's own uid needs no extra ownership.
+    # ones). None: the channel's own uid, allocated from `sidecar_uids` (allocated_uid), never one
+    # the host or another channel uses, so per-uid kernel limits (inotify instances, RLIMIT_NPROC)
+    # that a sidecar exhausts reach only its own channel. sidecar_gid None: the allocated uid's
+    # number when the uid is allocated, else the agent's gid (as before allocation existed).
+    # 0 is an explicit, warned opt-in (check-config).
     sidecar_uid: int | None = None
     sidecar_gid: int | None = None
+    # [broker] sidecar_uids: the range allocated uids come from (first, count).
+    sidecar_uids: tuple[int, int] = DEFAULT_SIDECAR_UIDS
     # Rolling upgrades (safespawn.rollout): when the image or a profile changes, at most this many
     # sidecars are replaced per sync, and a sync replaces the next batch only this long after the last.
     rollout_batch: int = 5
@@ -76,9 +97,15 @@ class ChannelConfig:
 
     @property
     def sidecar_user(self) -> tuple[int, int]:
-        uid = self.agent_uid if self.sidecar_uid is None else self.sidecar_uid
-        gid = self.agent_gid if self.sidecar_gid is None else self.sidecar_gid
-        return uid, gid
+        """The host uid:gid this channel's sidecars run as (unless a profile says run_as = "agent")."""
+        if self.sidecar_uid is None:
+            uid = allocated_uid(self.name, self.sidecar_uids)
+            return uid, uid if self.sidecar_gid is None else self.sidecar_gid
+        return self.sidecar_uid, self.agent_gid if self.sidecar_gid is None else self.sidecar_gid
+
+    @property
+    def sidecar_uid_allocated(self) -> bool:
+        return self.sidecar_uid is None
 
 
 @dataclass(frozen=True)
@@ -107,6 +134,8 @@ class BrokerConfig:
     # How long the installed sync service waits after serving for the next request, serving it in
     # the same process (`safespawn sync --quick --linger`); 0: it exits at once. At most 30.
     sync_linger: float = 2.0
+    # [first, count]: the uids allocated to channels that set no sidecar_uid (allocated_uid).
+    sidecar_uids: tuple[int, int] = DEFAULT_SIDECAR_UIDS
 
 
 @dataclass(frozen=True)
@@ -173,7 +202,41 @@ def _metrics_file(v: str | None) -> Path | None:
     return Path(_abs_dir(v, "broker.metrics_file"))
 
 
-def _parse_channel(name: str, t: dict[str, Any]) -> ChannelConfig:
+def _uid_range(v: Any) -> tuple[int, int]:
+    where = "broker.sidecar_uids"
+    if not (isinstance(v, list) and len(v) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in v)):
+        raise ConfigError(f"{where}: expected [FIRST, COUNT] (two integers)")
+    first, count = v
+    # DENY: a range reaching uid 0 or the ordinary accounts' uids (< 65536: system and login users,
+    # nobody) would hand sidecars a uid some host service runs as.
+    if first < 65536 or count < 1 or first + count - 1 > MAX_ID:
+        raise ConfigError(f"{where}: FIRST must be at least 65536, COUNT at least 1, and FIRST+COUNT-1 at most "
+                          f"{MAX_ID}")
+    return first, count
+
+
+def _check_sidecar_uids(channels: dict[str, ChannelConfig]) -> None:
+    """DENY: two channels whose sidecars share a uid share its per-uid kernel limits (inotify
+    instances and watches, RLIMIT_NPROC): one channel could exhaust them for the other. Also a
+    sidecar uid that is another channel's agent uid. uid 0 is the explicit, warned opt-in."""
+    owner: dict[int, str] = {}
+    for c in sorted(channels.values(), key=lambda c: c.name):
+        uid = c.sidecar_user[0]
+        if uid == 0:
+            continue
+        how = "allocated" if c.sidecar_uid_allocated else "configured"
+        if uid in owner:
+            raise ConfigError(f"channels.{c.name}: sidecar uid {uid} ({how}) is also channel {owner[uid]}'s; "
+                              "every channel needs its own (set sidecar_uid for one of them)")
+        owner[uid] = c.name
+    for c in channels.values():
+        other = owner.get(c.agent_uid)
+        if other is not None and other != c.name and c.agent_uid != 0:
+            raise ConfigError(f"channels.{other}: sidecar uid {c.agent_uid} is channel {c.name}'s agent_uid; "
+                              "every channel needs its own (set sidecar_uid)")
+
+
+def _parse_channel(name: str, t: dict[str, Any], uids: tuple[int, int] = DEFAULT_SIDECAR_UIDS) -> ChannelConfig:
     where = f"channels.{name}"
     if not CHANNEL_RE.fullmatch(name):
         raise ConfigError(f"{where}: channel names are lowercase letters, digits and '-' (max 31)")
@@ -196,14 +259,15 @@ def _parse_channel(name: str, t: dict[str, Any]) -> ChannelConfig:
         max_pending=_positive(_take(t, "max_pending", int, where, _CHANNEL.max_pending), f"{where}.max_pending"),
         max_request_bytes=_positive(_take(t, "max_request_bytes", int, where, _CHANNEL.max_request_bytes),
                                     f"{where}.max_request_bytes"),
-        agent_uid=_take(t, "agent_uid", int, where, _CHANNEL.agent_uid),
-        agent_gid=_take(t, "agent_gid", int, where, _CHANNEL.agent_gid),
+        agent_uid=_id(_take(t, "agent_uid", int, where, _CHANNEL.agent_uid), f"{where}.agent_uid") or 0,
+        agent_gid=_id(_take(t, "agent_gid", int, where, _CHANNEL.agent_gid), f"{where}.agent_gid") or 0,
         sidecar_uid=_id(_take(t, "sidecar_uid", int, where, None), f"{where}.sidecar_uid"),
         sidecar_gid=_id(_take(t, "sidecar_gid", int, where, None), f"{where}.sidecar_gid"),
         rollout_batch=_positive(_take(t, "rollout_batch", int, where, _CHANNEL.rollout_batch),
                                 f"{where}.rollout_batch"),
         rollout_pause=_nonnegative(_take(t, "rollout_pause", int, where, _CHANNEL.rollout_pause),
                                    f"{where}.rollout_pause"),
+        sidecar_uids=uids,
     )
     c = _parse_budget(c, t, where)
     if t:
@@ -277,6 +341,7 @@ def parse_config(data: dict[str, Any], path: Path | None = None) -> Config:
         start_settle_ms=_take(b, "start_settle_ms", int, where, d.start_settle_ms),
         metrics_file=_metrics_file(_take(b, "metrics_file", str, where, None)),
         sync_linger=float(_take(b, "sync_linger", (int, float), where, d.sync_linger)),
+        sidecar_uids=_uid_range(_take(b, "sidecar_uids", list, where, list(d.sidecar_uids))),
     )
     if not 0 <= broker.sync_linger <= 30:
         raise ConfigError("broker.sync_linger: seconds, from 0 to 30")
@@ -295,10 +360,65 @@ def parse_config(data: dict[str, Any], path: Path | None = None) -> Config:
     for name, t in channels_t.items():
         if not isinstance(t, dict):
             raise ConfigError(f"channels.{name}: expected a table")
-        channels[name] = _parse_channel(name, t)
+        channels[name] = _parse_channel(name, t, broker.sidecar_uids)
+    _check_sidecar_uids(channels)
     if data:
         raise ConfigError(f"unknown top-level keys {', '.join(sorted(data))}")
     return Config(broker=broker, channels=channels, path=path)
+
+
+def _ids_in(path: str, field_: int) -> set[int]:
+    """The numeric ids in field `field_` of a colon-separated account file (passwd, group)."""
+    out: set[int] = set()
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                parts = line.split(":")
+                if len(parts) > field_ and parts[field_].strip().isdigit():
+                    out.add(int(parts[field_]))
+    except OSError:
+        pass
+    return out
+
+
+def _ranges_in(path: str) -> list[tuple[int, int, str]]:
+    """(first, count, owner) of each NAME:FIRST:COUNT line of /etc/subuid or /etc/subgid."""
+    out: list[tuple[int, int, str]] = []
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                parts = line.strip().split(":")
+                if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
+                    out.append((int(parts[1]), int(parts[2]), parts[0][:32]))
+    except OSError:
+        pass
+    return out
+
+
+def host_id_conflicts(config: Config, etc: str = "/etc") -> list[tuple[ChannelConfig, str]]:
+    """Channels whose sidecar uid or gid is one this host already gives out: an account in passwd or
+    group, or an id inside a subordinate range of /etc/subuid or /etc/subgid (podman's user
+    namespaces). Such a sidecar would share that account's per-uid kernel limits and files.
+    uid 0 is not listed here (check-config warns about it on its own)."""
+    uids, gids = _ids_in(f"{etc}/passwd", 2), _ids_in(f"{etc}/group", 2)
+    subuid, subgid = _ranges_in(f"{etc}/subuid"), _ranges_in(f"{etc}/subgid")
+    out: list[tuple[ChannelConfig, str]] = []
+    for c in sorted(config.channels.values(), key=lambda c: c.name):
+        uid, gid = c.sidecar_user
+        if uid == 0:
+            continue
+        why = []
+        if uid in uids:
+            why.append(f"uid {uid} is an account in {etc}/passwd")
+        if gid in gids and gid != c.agent_gid:
+            why.append(f"gid {gid} is a group in {etc}/group")
+        why += [f"uid {uid} is in {owner}'s range {first}-{first + n - 1} in {etc}/subuid"
+                for first, n, owner in subuid if first <= uid < first + n]
+        why += [f"gid {gid} is in {owner}'s range {first}-{first + n - 1} in {etc}/subgid"
+                for first, n, owner in subgid if first <= gid < first + n]
+        if why:
+            out.append((c, "; ".join(why)))
+    return out
 
 
 def load_config(explicit: str | None = None) -> Config:

@@ -327,9 +327,10 @@ class Actor:
     sidecar). At most `parallel` of those runtime calls run at once (`broker.parallel_starts`); the
     wait for a new program's start-up (Verifier) holds no slot, so starts overlap their settles."""
 
-    def __init__(self, runtime: Runtime, parallel: int = 4) -> None:
+    def __init__(self, runtime: Runtime, parallel: int = 4, pid_files: PidFileKeeper | None = None) -> None:
         self.runtime = runtime
         self.slots = threading.BoundedSemaphore(max(1, parallel))
+        self.pid_files = pid_files or PidFileKeeper()
 
     def act(self, s: _Sync, p: Planned, containers: dict[str, Container]) -> Acted:
         """The decision's effect, or the runtime's failure as the reply."""
@@ -386,6 +387,8 @@ class Actor:
         name (a leftover, or one the state lost): the same sidecar running -> None (nothing was
         started); anything else of this channel is replaced. A container of the name that is not
         this channel's is never touched."""
+        # The files the program writes become its uid's before it starts (dnsmasq's lease file).
+        self.pid_files.hand_over(s.channel.data_dirs, s.audit, spec)
         try:
             return self.runtime.run(spec)
         except RuntimeFailed as e:
@@ -683,7 +686,8 @@ class Reconciler:
         if to_start:
             self._respawn(s, to_start, set(listing), now, serve)
         rolled = rollout.step(self.runtime, self.policy, s.channel, state, audit, s.result.errors, outdated,
-                              workers=self.workers, settle_ms=self.settle_ms)
+                              workers=self.workers, settle_ms=self.settle_ms,
+                              before_run=lambda spec: self.pid_files.hand_over(s.channel.data_dirs, audit, spec))
         if rolled:
             # New containers (the new spec, or the old image after a rollback): new host pids.
             s.snapshot.invalidate()
@@ -735,6 +739,8 @@ class Reconciler:
             try:
                 if spec.name in existing:
                     self.runtime.remove(spec.name)
+                with lock:
+                    self.pid_files.hand_over(s.channel.data_dirs, audit, spec)
                 self.runtime.run(spec)
                 with lock:
                     s.result.respawned += 1
@@ -827,6 +833,12 @@ def status_of(name: str, state: ChannelState, containers: dict[str, Container], 
         outdated, progress = rollout.describe(policy, channel, state, containers)
     sidecars = []
     for d in sorted(state.desired.values(), key=lambda d: d.name):
+        user = None
+        if policy is not None and channel is not None:
+            try:
+                user = policy.configured_spec(channel, d).user  # the host uid:gid it runs as
+            except SafespawnError:
+                pass  # no longer allowed: reconcile drops it
         c = containers.get(d.name)
         running = c is not None and c.running
         # The start time as recorded when the record names this very process (the /proc check of a
@@ -849,12 +861,17 @@ def status_of(name: str, state: ChannelState, containers: dict[str, Container], 
             # restart, a broker respawn): what an agent compares to see a restart.
             "generation": f"{c.id[:12]}-{started}-{c.pid}" if c and running else None,
             "process_started": started if c and running else None,
+            "user": user,
         })
     now = time.time()
     st = {"v": 1, "channel": name, "updated": int(now), "published": round(now, 3),
           "refresh": int(refresh), "sidecars": sidecars}
     if progress is not None:
         st["rollout"] = progress
+    if channel is not None:
+        uid, gid = channel.sidecar_user
+        st["sidecar_user"] = f"{uid}:{gid}"
+        st["sidecar_user_source"] = "allocated" if channel.sidecar_uid_allocated else "configured"
     return st
 
 
@@ -869,12 +886,13 @@ class Engine:
         self.runtime: Runtime = runtime or make_runtime(b, {n: c.budget for n, c in config.channels.items()})
         self.policy = policy or Policy(config)
         self.clock = clock
-        self.actor = Actor(self.runtime, b.parallel_starts)
+        # The host writes the pid files Neutron reads, with host pids (docs/neutron.md, "Pid files"),
+        # and hands each sidecar's writable files to its uid before a start.
+        self.pid_files = PidFileKeeper()
+        self.actor = Actor(self.runtime, b.parallel_starts, self.pid_files)
         # Jobs at once: parallel_starts runtime calls (Actor.slots), the rest waiting for start-ups.
         self.workers = 4 * max(1, b.parallel_starts)
         self.verifier = Verifier(self.runtime, self.policy, b.start_settle_ms)
-        # The host writes the pid files Neutron reads, with host pids (docs/neutron.md, "Pid files").
-        self.pid_files = PidFileKeeper()
         self.reconciler = Reconciler(self.runtime, self.policy, clock, self.pid_files, b.parallel_starts,
                                      b.start_settle_ms)
         self._converged: dict[str, float] = {}  # channel -> when a sync of it last ran to the end

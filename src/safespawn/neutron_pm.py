@@ -425,6 +425,10 @@ def _build_class() -> Any:
                 raise n_exc.ProcessExecutionError("safespawn: no sidecar profile runs %r" % program,
                                                   returncode=client.EXIT_FAILED)
             args = client.program_args([str(a) for a in cmd[1:]])
+            if profile == "haproxy":
+                # As the wrapper does: the config's pidfile becomes -p, which the host writes (the
+                # sidecar runs as an unprivileged uid that cannot create files in the agent's dirs).
+                args = client.haproxy_pid_file_args(args)
             netns = self.namespace
             if profile in client.NETNS_OPTIONS:
                 netns = client.option_value(args, client.NETNS_OPTIONS[profile]) or netns

@@ -17,9 +17,14 @@ For `create` (and `run`) it reads B/config.json and, as a checklist:
 3. sets the path of the container's one network namespace entry to that open, checked file
    (/proc/PID/fd/N of this very process, which is runc once exec'd, so no rename can swap it);
 4. adds nosuid,nodev,noexec to every bind mount (Docker's -v has no such options);
-5. writes config.json back atomically and execs runc with every argument untouched.
+5. for a process that is not uid 0 (each channel's own sidecar uid), makes the capabilities Docker
+   granted it (its bounding set: all Docker writes for a non-root user) effective, permitted,
+   inheritable and ambient, as podman does for `--user`: otherwise the program has none after its
+   execve ("dnsmasq: process is missing required capability NET_ADMIN");
+6. writes config.json back atomically and execs runc with every argument untouched.
 Every other subcommand (start, state, kill, delete, ...) is runc's at once. Nothing here adds a
-capability, a device, a mount or a namespace: the container gets less than Docker gave it, never more.
+device, a mount or a namespace, nor a capability outside the bounding set Docker wrote: the
+container gets no more than Docker granted it.
 A value that fails a check stops the create with an error; Docker then reports the start as failed.
 """
 
@@ -123,7 +128,8 @@ def netns_fd(config: dict[str, Any]) -> int | None:
 
 
 def rewrite(config: dict[str, Any], fd: int | None, pid: int) -> dict[str, Any]:
-    """config.json with the netns joined and bind mounts hardened; nothing else changes."""
+    """config.json with the netns joined, bind mounts hardened and, for a non-root process, its
+    granted capabilities ambient; nothing else changes."""
     linux = config.get("linux")
     namespaces = linux.get("namespaces") if isinstance(linux, dict) else None
     if not isinstance(namespaces, list):
@@ -147,6 +153,16 @@ def rewrite(config: dict[str, Any], fd: int | None, pid: int) -> dict[str, Any]:
         if m.get("type") == "bind" or "bind" in opts or "rbind" in opts:
             # A sidecar never runs a program, a device or a set-uid file from a host folder.
             m["options"] = opts + [o for o in BIND_HARDENING if o not in opts]
+    process = config.get("process")
+    user = process.get("user") if isinstance(process, dict) else None
+    caps = process.get("capabilities") if isinstance(process, dict) else None
+    if isinstance(user, dict) and user.get("uid", 0) != 0 and isinstance(caps, dict):
+        # Docker (20.10.14 on) writes only the bounding set for a non-root user: the capabilities
+        # the container was granted (--cap-drop=ALL plus the profile's --cap-add).
+        granted = [c for c in caps.get("bounding") or [] if isinstance(c, str)]
+        # ALLOW: exactly the bounding set, as podman gives a --user process: nothing beyond it.
+        for kind in ("effective", "permitted", "inheritable", "ambient"):
+            caps[kind] = list(granted)
     return config
 
 

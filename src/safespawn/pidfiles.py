@@ -17,6 +17,10 @@ without opening it. A directory at the path is refused. Nothing here ever create
 Because the walk holds directory fds, a component swapped for a symlink after it was opened does
 not redirect the write; a directory renamed elsewhere stays inside the data dir's mount (rename
 across mounts fails), so the write still lands under the data dir.
+
+The same walk hands a file the program writes itself (the profile's ``writable_files``: dnsmasq's
+lease file) to the sidecar's unprivileged uid before each start (``hand_over_file``), so a sidecar
+that is not root can write that one file in a directory a root agent owns.
 """
 
 from __future__ import annotations
@@ -118,6 +122,85 @@ def write_pid_file(path: str, pid: int, data_dirs: Sequence[str]) -> None:
             raise
 
 
+def hand_over_file(path: str, uid: int, gid: int, data_dirs: Sequence[str]) -> str:
+    """Make `path` a plain file owned by uid:gid (mode 0644) for an unprivileged sidecar to write
+    (dnsmasq's lease file in a directory a root agent owns). Returns what was done: "kept",
+    "chowned" or "created"; raises PidFileRefused or OSError.
+
+    The same walk as write_pid_file. At the path, a plain, singly linked file on the data dir's
+    filesystem keeps its content and changes owner (through an fd: the inode checked is the inode
+    chowned). Anything else is replaced, never opened, never chowned: a symlink (chown would follow
+    it to a host file), a hard link (its other name may be a host file: /etc/shadow on the same
+    filesystem), a FIFO or a device (opening one can block or act); a fresh empty file takes its
+    place by rename. A directory is refused.
+    """
+    if uid < 0 or gid < 0:
+        raise ValueError("a uid and gid to hand the file to")
+    with _final_dir(path, data_dirs) as (dfd, name):
+        dev = os.fstat(dfd).st_dev
+        try:
+            st: os.stat_result | None = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        except FileNotFoundError:
+            st = None
+        # DENY: a directory at the path; the program cannot write it as a file either.
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            raise PidFileRefused(f"{path[:120]!r} is a directory")
+        if st is not None and stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_dev == dev:
+            try:
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC,
+                             dir_fd=dfd)
+            except OSError:
+                fd = -1  # swapped for a symlink (ELOOP) or removed meanwhile: replace it below
+            if fd >= 0:
+                try:
+                    now = os.fstat(fd)
+                    # The inode opened is the one checked (not swapped since the lstat), still one link.
+                    if (now.st_ino, now.st_dev) == (st.st_ino, st.st_dev) and stat.S_ISREG(now.st_mode) \
+                            and now.st_nlink == 1:
+                        if (now.st_uid, now.st_gid) == (uid, gid) and stat.S_IMODE(now.st_mode) == 0o644:
+                            return "kept"
+                        os.fchown(fd, uid, gid)
+                        os.fchmod(fd, 0o644)  # after chown: no set-id bit, readable by the agent
+                        return "chowned"
+                finally:
+                    os.close(fd)
+        # ALLOW: replace whatever else is there with a fresh file of our own, by rename.
+        tmp = f".{name[:64]}.safespawn-{os.urandom(6).hex()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=dfd)
+        try:
+            os.fchown(fd, uid, gid)
+            os.fchmod(fd, 0o644)
+            os.close(fd)
+            fd = -1
+            os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+            try:
+                os.unlink(tmp, dir_fd=dfd)
+            except OSError:
+                pass
+            raise
+        return "created"
+
+
+def hand_over_files(spec: SidecarSpec, data_dirs: Sequence[str]) -> list[tuple[str, str]]:
+    """Before a start: hand each of the spec's writable files to its uid; returns the refusals
+    (path, why). A refusal does not stop the start: the program then reports what it cannot open."""
+    refused: list[tuple[str, str]] = []
+    if not spec.writable_files:
+        return refused
+    uid, gid = spec.uid_gid
+    for path in spec.writable_files:
+        try:
+            hand_over_file(path, uid, gid, data_dirs)
+        except PidFileRefused as e:
+            refused.append((path, str(e)))
+        except OSError as e:
+            refused.append((path, f"{path[:120]!r}: {e.strerror or e}"))
+    return refused
+
+
 def read_pid_file(path: str, data_dirs: Sequence[str]) -> int | None:
     """The pid a plain, singly linked pid file holds, else None (absent, planted, or garbage).
 
@@ -202,22 +285,30 @@ def refresh(pid_files: Sequence[tuple[str, str]], main_pid: int, data_dirs: Sequ
 
 
 class PidFileKeeper:
-    """The broker's side: refresh a sidecar's pid files, and log + audit a refusal once per run."""
+    """The broker's side: refresh a sidecar's pid files, hand its writable files to its uid before a
+    start, and log + audit a refusal once per run."""
 
     def __init__(self) -> None:
         self._refused: set[tuple[str, str, str]] = set()
+
+    def hand_over(self, data_dirs: Sequence[str], audit: AuditLog, spec: SidecarSpec) -> None:
+        """Before each start (first start, replacement, respawn) of `spec`."""
+        for path, why in hand_over_files(spec, data_dirs):
+            self._report(audit, spec, path, why, "file not handed to the sidecar's uid")
 
     def refresh(self, data_dirs: Sequence[str], audit: AuditLog, spec: SidecarSpec, pid: int | None,
                 wait_child: float = 0.0) -> None:
         if not spec.pid_files or pid is None or pid <= 0:
             return
         for path, why in refresh(spec.pid_files, pid, data_dirs, wait_child):
-            # A refusal changes nothing else: the sidecar runs, the broker keeps serving.
-            if (spec.name, path, why) in self._refused:
-                continue
-            if len(self._refused) >= 4096:
-                self._refused.clear()  # bounded: an agent cycling names cannot grow it
-            self._refused.add((spec.name, path, why))
-            log.warning("sidecar %s: pid file not written: %s", spec.name, why)
-            audit.record("deny", None, f"pid file not written: {why}", code="policy_denied",
-                         sidecar=spec.name, file=path)
+            self._report(audit, spec, path, why, "pid file not written")
+
+    def _report(self, audit: AuditLog, spec: SidecarSpec, path: str, why: str, what: str) -> None:
+        # A refusal changes nothing else: the sidecar runs, the broker keeps serving.
+        if (spec.name, path, why) in self._refused:
+            return
+        if len(self._refused) >= 4096:
+            self._refused.clear()  # bounded: an agent cycling names cannot grow it
+        self._refused.add((spec.name, path, why))
+        log.warning("sidecar %s: %s: %s", spec.name, what, why)
+        audit.record("deny", None, f"{what}: {why}", code="policy_denied", sidecar=spec.name, file=path)

@@ -17,6 +17,10 @@ A request chooses among what the host configured; it never adds to it.
   network namespace, and not be the host's own.
 - **Pid files** the profile declares are the host's to write (host pids): the program gets a
   private path in its own /run instead (`Profile.private_pid_args`).
+- The **uid** a sidecar runs as is the channel's own (config.ChannelConfig.sidecar_user: allocated,
+  never 0 unless configured), without SETUID/SETGID; files the program writes are handed to it
+  (`writable_files`), options that switch users are left out (`user_options`); a profile with
+  `run_as = "agent"` runs as the agent's uid (`sidecar_user`).
 - A **pid** in a signal or stop reaches a sidecar only if it is the sidecar's main process or a
   process of that sidecar's own pid namespace (`sidecar_for_pid`).
 
@@ -203,6 +207,34 @@ class Profile:
     cpus: float = DEFAULT_CPUS
     pids_limit: int = DEFAULT_PIDS
     oom_score_adj: int = DEFAULT_OOM_SCORE_ADJ
+    # Path options naming files the program itself writes (dnsmasq's lease file): before a start
+    # the host makes each one a plain file owned by the sidecar's uid (pidfiles.hand_over_file),
+    # so an unprivileged sidecar can write it in a directory the (root) agent owns.
+    writable_files: tuple[str, ...] = ()
+    # Options (with their value) that tell the program to switch to a user (radvd -u USER): an
+    # unprivileged sidecar cannot switch (no SETUID/SETGID) and need not, so they are left out.
+    user_options: tuple[str, ...] = ()
+    # "channel": the channel's sidecar uid (the default). "agent": the agent's own uid:gid, for a
+    # program that must use the agent's private files (the state-change monitor connects to the
+    # agent's unix socket); with a root agent that is uid 0, which check-config reports.
+    run_as: str = "channel"
+    # "channel": the sidecar's gid is the channel's (the default). "agent": its uid stays the
+    # channel's own but its gid is the agent's, for a program that connects to a socket the agent
+    # makes group-writable (haproxy: Neutron's metadata socket, metadata_proxy_socket_mode = group).
+    group: str = "channel"
+
+    def without_user_options(self, argv: tuple[str, ...]) -> tuple[str, ...]:
+        """argv (already checked) minus the user_options and their values."""
+        out: list[str] = []
+        i = 0
+        while i < len(argv):
+            arg = argv[i]
+            i += 1
+            if arg in self.user_options and self.rules[arg].separate:
+                i += 1
+            elif arg.partition("=")[0] not in self.user_options:
+                out.append(arg)
+        return tuple(out)
 
     def private_pid_args(self, argv: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
         """argv with each pid-file value replaced by a private path in the sidecar's own /run, and
@@ -410,6 +442,20 @@ def parse_profile(data: dict[str, Any], where: str) -> Profile:
             raise ConfigError(f"{where}.pid_files: {opt!r} is not a path option in args")
         if kind not in ("main", "child"):
             raise ConfigError(f"{where}.pid_files.{opt}: must be \"main\" or \"child\"")
+    writable = tuple(d.pop("writable_files", []))
+    for opt in writable:
+        if opt not in rules or rules[opt].type != "path" or rules[opt].data_dir or opt in pid_files:
+            raise ConfigError(f"{where}.writable_files: {opt!r} is not a file path option in args (nor a pid file)")
+    user_options = tuple(d.pop("user_options", []))
+    for opt in user_options:
+        if opt not in rules or rules[opt].type == "flag":
+            raise ConfigError(f"{where}.user_options: {opt!r} is not an option with a value in args")
+    run_as = d.pop("run_as", "channel")
+    if run_as not in ("channel", "agent"):
+        raise ConfigError(f"{where}: run_as must be \"channel\" or \"agent\"")
+    group = d.pop("group", "channel")
+    if group not in ("channel", "agent"):
+        raise ConfigError(f"{where}: group must be \"channel\" or \"agent\"")
     tmpfs = tuple(d.pop("tmpfs", ["/run", "/tmp"]))
     if pid_files and "/run" not in tmpfs:
         raise ConfigError(f"{where}: pid_files needs /run in tmpfs (the program's private pid file goes there)")
@@ -431,6 +477,10 @@ def parse_profile(data: dict[str, Any], where: str) -> Profile:
         pid_files=dict(pid_files),
         ready_pid_file=ready_pid_file,
         **_limits(d, where),
+        writable_files=writable,
+        user_options=user_options,
+        run_as=run_as,
+        group=group,
     )
     if d:
         raise ConfigError(f"{where}: unknown keys {', '.join(sorted(d))}")
@@ -813,13 +863,20 @@ class Policy:
                                    f"({netns})")
         netns_path = self.check_netns(profile, netns, resolve)
         key = self.sidecar_key(profile, netns, seen)
-        args, pid_files = profile.private_pid_args(argv)
-        uid, gid = channel.sidecar_user
+        uid, gid = sidecar_user(channel, profile)
         caps = profile.capabilities
+        writable: tuple[str, ...] = ()
         if uid != 0:
             # DENY: SETUID/SETGID as ambient capabilities would let an unprivileged sidecar
             # setuid(0); a program that "drops" to the uid it already runs as needs neither.
             caps = tuple(c for c in caps if c not in ("SETUID", "SETGID"))
+            # ALLOW: the user to switch to is dropped, not refused: Neutron names the agent's own
+            # user (root for a root agent), which an unprivileged sidecar already is not and need not be.
+            argv = profile.without_user_options(argv)
+            # The files the program writes, handed to its uid by the host before each start (only
+            # paths the allowlist accepted, inside the data dirs; checked again when handed over).
+            writable = tuple(dict.fromkeys(v for opt in profile.writable_files for v in seen.get(opt, ())))
+        args, pid_files = profile.private_pid_args(argv)
         # ALLOW: everything below comes from the profile and the channel; the request only chose
         # the profile, the (checked) netns and the (checked) arguments that follow the image.
         return SidecarSpec(
@@ -844,6 +901,7 @@ class Policy:
             memory=profile.memory,
             cpus=profile.cpus,
             oom_score_adj=profile.oom_score_adj,
+            writable_files=writable,
         )
 
     def target_name(self, channel: ChannelConfig, request: Request) -> str:
@@ -865,6 +923,19 @@ class Policy:
         if signal in ("TERM", "INT", "QUIT"):
             return SignalDecision(signal, "stop")
         return SignalDecision(signal, "deliver")
+
+
+def sidecar_user(channel: ChannelConfig, profile: Profile) -> tuple[int, int]:
+    """The host uid:gid a profile's sidecars of this channel run as."""
+    if profile.run_as == "agent":
+        # ALLOW (profile's choice, host config): the program must use the agent's own files.
+        return channel.agent_uid, channel.agent_gid
+    uid, gid = channel.sidecar_user
+    if profile.group == "agent":
+        # ALLOW (profile's choice): the agent's group, for a socket the agent makes group-writable;
+        # the uid, which per-uid kernel limits count, stays the channel's own.
+        return uid, channel.agent_gid
+    return uid, gid
 
 
 def sidecar_for_pid(pid: int, main_pids: Iterable[int], host_pidns: tuple[int, int] | None = None) -> int | None:
@@ -926,9 +997,15 @@ def confinement_warnings(config: Config, policy: Policy) -> list[str]:
                            "host's pid namespace and can signal every host process of their uid (with uid 0: "
                            "every root process). Unsafe; see docs/security.md")
         if ch.sidecar_user[0] == 0:
-            out.append(f"channel {ch.name}: sidecars run as host uid 0 (set agent_uid or sidecar_uid): a "
-                       "compromised sidecar is root on every file its mounts reach; see docs/security.md, "
-                       "\"Sidecar uids\"")
+            out.append(f"channel {ch.name}: sidecar_uid = 0: sidecars run as host uid 0, share root's per-uid "
+                       "kernel limits (inotify instances, processes) with every root process of the host, and a "
+                       "compromised sidecar is root on every file its mounts reach; remove sidecar_uid to give "
+                       "the channel its own uid (docs/security.md, \"Sidecar uids\")")
+        for name in ch.profiles:
+            p = policy.profiles[name]
+            if p.run_as == "agent" and ch.agent_uid == 0:
+                out.append(f"channel {ch.name}: profile {name} runs as the agent's uid (run_as = \"agent\"), "
+                           "here host uid 0, without capabilities (docs/security.md, \"Sidecar uids\")")
     # Channels are kept apart on files only by their mounts: two channels that share a data dir (or
     # one inside the other's) can each rewrite the files the other's sidecars read.
     chans = sorted(config.channels.values(), key=lambda c: c.name)

@@ -21,7 +21,9 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -81,7 +83,7 @@ def config_id(policy: Policy, channel: ChannelConfig) -> str:
 
 def step(runtime: Runtime, policy: Policy, channel: ChannelConfig, state: ChannelState, audit: AuditLog,
          errors: list[str], outdated: list[tuple[DesiredSidecar, SidecarSpec, Container]], workers: int = 4,
-         settle_ms: int = 200) -> list[SidecarSpec]:
+         settle_ms: int = 200, before_run: Callable[[SidecarSpec], None] | None = None) -> list[SidecarSpec]:
     """Called by reconcile with the running sidecars whose spec changed; replaces one batch at most.
 
     Returns the specs of the batch it replaced (each now a new container, on the new spec or rolled
@@ -109,7 +111,7 @@ def step(runtime: Runtime, policy: Policy, channel: ChannelConfig, state: Channe
     if ro.batches and now - ro.last_batch < channel.rollout_pause:
         return []
     batch = sorted(outdated, key=lambda t: t[0].name)[:channel.rollout_batch]
-    failed = _replace(runtime, batch, workers, settle_ms)
+    failed = _replace(runtime, batch, workers, settle_ms, before_run)
     ro.batches += 1
     ro.last_batch = time.time()
     ok = [d.name for d, _, _ in batch if d.name not in failed]
@@ -131,14 +133,22 @@ def step(runtime: Runtime, policy: Policy, channel: ChannelConfig, state: Channe
 
 
 def _replace(rt: Runtime, batch: list[tuple[DesiredSidecar, SidecarSpec, Container]], workers: int,
-             settle_ms: int) -> dict[str, str]:
-    """Replace each sidecar of the batch; returns {name: why} for those rolled back to the old image."""
+             settle_ms: int, before_run: Callable[[SidecarSpec], None] | None = None) -> dict[str, str]:
+    """Replace each sidecar of the batch; returns {name: why} for those rolled back to the old image.
+    `before_run(spec)` runs before each container is started (the host hands over its writable files)."""
     failed: dict[str, str] = {}
+    lock = threading.Lock()
+
+    def prepare(spec: SidecarSpec) -> None:
+        if before_run is not None:
+            with lock:
+                before_run(spec)
 
     def one(item: tuple[DesiredSidecar, SidecarSpec, Container]) -> None:
         _, spec, _ = item
         try:
             rt.remove(spec.name)
+            prepare(spec)
             rt.run(spec)
         except RuntimeFailed as e:
             failed[spec.name] = e.message[-300:]
@@ -163,6 +173,7 @@ def _replace(rt: Runtime, batch: list[tuple[DesiredSidecar, SidecarSpec, Contain
             rt.remove(spec.name)
             if back is None:
                 raise RuntimeFailed("the old container's image is unknown")
+            prepare(back)
             rt.run(back)
         except RuntimeFailed as e:
             failed[spec.name] += f"; rollback failed too: {e.message[-200:]}"

@@ -61,6 +61,14 @@ class SidecarSpec:
     # (path the agent named, "main" | "child"): pid files the host writes with host pids.
     pid_files: tuple[tuple[str, str], ...] = ()
     user: str = "0:0"  # host uid:gid the program runs as (--user)
+    # Files the program writes (the profile's writable_files), handed to `user` by the host before
+    # each start (pidfiles.hand_over_file); empty when the sidecar runs as uid 0.
+    writable_files: tuple[str, ...] = ()
+
+    @property
+    def uid_gid(self) -> tuple[int, int]:
+        uid, _, gid = self.user.partition(":")
+        return int(uid), int(gid)
 
     @cached_property
     def spec_hash(self) -> str:

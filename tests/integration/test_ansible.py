@@ -438,6 +438,16 @@ def test_an_invalid_config_is_refused_before_it_is_put_in_place(host: Host) -> N
     assert p.returncode != 0
     assert "collides with the tmpfs" in p.stdout, p.stdout[-3000:]
     assert (host.config_dir / "safespawn.toml").read_text() == before
+    # Two channels on one sidecar uid (rendered from the channels' sidecar_uid), and a sidecar uid range
+    # reaching the accounts' uids (rendered from safespawn_sidecar_uids): refused the same way.
+    twin = dict(channel, name=channel["name"] + "-twin", sidecar_uid=250001, sidecar_gid=250001)
+    p = host.play(safespawn_channels=[dict(channel, sidecar_uid=250001, sidecar_gid=250001), twin])
+    assert p.returncode != 0
+    assert "sidecar uid 250001 (configured) is also channel" in p.stdout, p.stdout[-3000:]
+    p = host.play(safespawn_sidecar_uids=[1000, 10])
+    assert p.returncode != 0
+    assert "broker.sidecar_uids: FIRST must be at least 65536" in p.stdout, p.stdout[-3000:]
+    assert (host.config_dir / "safespawn.toml").read_text() == before
     # A custom profile safespawn's parser refuses never reaches the profiles dir either.
     builtin = (REPO / "src" / "safespawn" / "profiles" / "dnsmasq.toml").read_text()
     assert 'name = "dnsmasq"' in builtin

@@ -22,6 +22,7 @@ What a process inside a sidecar can and cannot reach is tests/integration/test_s
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import uuid
@@ -186,11 +187,18 @@ def run_confined(b: Broker, profile_name: str) -> bool | None:
             name = spec.name
         try:
             insp = _inspect(name)
-            check_confinement(profile, spec.mounts, ns, cmd, insp)
+            # The channel's own unprivileged uid by default (the state-change monitor: the agent's,
+            # root here), and then the profile's capabilities without SETUID/SETGID.
+            assert insp["Config"]["User"] == spec.user
+            assert (spec.user == "0:0") is (profile.run_as == "agent"), spec.user
+            caps = set(profile.capabilities) - ({"SETUID", "SETGID"} if spec.user != "0:0" else set())
+            assert set(spec.capabilities) == caps
+            check_confinement(dataclasses.replace(profile, capabilities=spec.capabilities), spec.mounts, ns, cmd, insp)
             pid = insp["State"]["Pid"]
             if not (insp["State"]["Running"] and pid):
                 return None
-            assert _capbnd(pid) == set(profile.capabilities)
+            assert _capbnd(pid) == caps
+            assert status_uid(pid) == spec.user.split(":")[0]
             assert _no_new_privs(pid) == "1"
             # The pid namespace, read back from the kernel: the host's only where the profile opts in.
             shared = _same_ns(f"/proc/{pid}/ns/pid", "/proc/self/ns/pid")
@@ -199,6 +207,13 @@ def run_confined(b: Broker, profile_name: str) -> bool | None:
         finally:
             if created:
                 netlab.podman("rm", "-f", "-t", "0", created, check=False)
+
+
+def status_uid(pid: int) -> str:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Uid:"):
+            return line.split()[1]
+    raise AssertionError("no Uid line")
 
 
 def _same_ns(a: str, b: str) -> bool:

@@ -81,14 +81,20 @@ def test_every_builtin_profile_runs_confined_under_docker(make_broker, dockerd, 
             make_runtime(b.engine.config.broker).run(spec)
         cmd = run_argv(spec, "docker")
         [insp] = dockerd.inspect(spec.name)
-        check_docker_confinement(profile, spec.mounts, cmd, insp)
+        # The channel's own unprivileged uid (the state-change monitor: the root agent's), and then the
+        # profile's capabilities without SETUID/SETGID, made ambient by safespawn's OCI runtime.
+        assert insp["Config"]["User"] == spec.user
+        assert (spec.user == "0:0") is (profile.run_as == "agent"), spec.user
+        caps = set(spec.capabilities)
+        assert caps == set(profile.capabilities) - ({"SETUID", "SETGID"} if spec.user != "0:0" else set())
+        check_docker_confinement(dataclasses.replace(profile, capabilities=spec.capabilities), spec.mounts, cmd, insp)
         pid = insp["State"]["Pid"]
         assert insp["State"]["Running"] and pid
-        assert _capbnd(pid) == set(profile.capabilities)
-        # A program may drop capabilities itself (dnsmasq does, when it changes user); root's `sleep` keeps them.
-        assert _capeff(pid) <= set(profile.capabilities)
+        assert _capbnd(pid) == caps
+        # A program may drop capabilities itself (dnsmasq does, when it changes user); `sleep` keeps them.
+        assert _capeff(pid) <= caps
         if not reply["ok"]:
-            assert _capeff(pid) == set(profile.capabilities)
+            assert _capeff(pid) == caps
         assert _no_new_privs(pid) == "1"
         got, want = os.stat(f"/proc/{pid}/ns/net"), os.stat(f"/run/netns/{ns}")
         assert (got.st_dev, got.st_ino) == (want.st_dev, want.st_ino)

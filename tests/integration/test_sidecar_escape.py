@@ -289,7 +289,10 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     root = tmp_path_factory.mktemp("escape")
     write_custom_profiles(root / "broker" / "profiles")
     with ExitStack() as stack:
-        b = Broker.make(root / "broker", profiles=[*PROFILES, *CUSTOM], channels=3, image=L3_IMAGE)
+        # The worst case: root sidecars (the explicit, warned `sidecar_uid = 0` opt-in), so that the
+        # confinement shown here holds without the channel's own uid (test_sidecar_uid.py shows that).
+        b = Broker.make(root / "broker", profiles=[*PROFILES, *CUSTOM], channels=3, image=L3_IMAGE,
+                        extra="sidecar_uid = 0\nsidecar_gid = 0\n")
         stack.callback(b.cleanup)
         # Host files for the victims: outside every data dir, and reachable by a victim of any uid
         # (pytest's own base directory is 0700).

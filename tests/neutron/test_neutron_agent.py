@@ -160,9 +160,10 @@ class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer
     daemon_threads = True
 
 
-def unix_http_server(path: Path, seen: list[dict[str, str]], body: str = "") -> _UnixHTTPServer:
+def unix_http_server(path: Path, seen: list[dict[str, str]], body: str = "", mode: int | None = None) -> _UnixHTTPServer:
     """An HTTP server on a unix socket that records each request's headers (Neutron's metadata
-    agent and L3 agent listen like this) and answers 200 with `body` plus the request's headers."""
+    agent and L3 agent listen like this) and answers 200 with `body` plus the request's headers.
+    `mode`: chmod the socket as Neutron's metadata agent does (metadata_proxy_socket_mode)."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def _answer(self) -> None:
@@ -187,6 +188,8 @@ def unix_http_server(path: Path, seen: list[dict[str, str]], body: str = "") -> 
     if path.exists():
         path.unlink()
     srv = _UnixHTTPServer(str(path), Handler)
+    if mode is not None:
+        path.chmod(mode)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     return srv
 
@@ -260,7 +263,9 @@ def test_metadata_proxy_lifecycle_through_neutrons_metadata_driver(neutron):
     broker, new_agent = neutron(["haproxy"])
     net_id = str(uuid.uuid4())
     seen: list[dict[str, str]] = []
-    backend = unix_http_server(broker.data_dir / "metadata_proxy", seen, body="instance-metadata ")
+    # The metadata agent's socket as `metadata_proxy_socket_mode = group` makes it (0664): haproxy runs
+    # as the channel's own uid with the (root) agent's gid (docs/neutron.md).
+    backend = unix_http_server(broker.data_dir / "metadata_proxy", seen, body="instance-metadata ", mode=0o664)
     try:
         with NetnsPair(server_ns=f"qdhcp-{net_id}", client_addr=None) as pair:
             # The DHCP agent's isolated-network metadata: 169.254.169.254:80 in the qdhcp- namespace.

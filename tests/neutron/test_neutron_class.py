@@ -199,7 +199,8 @@ def test_metadata_proxies_as_the_ovn_and_dhcp_agents_spawn_them(lab):
     from test_neutron_agent import unix_http_server  # the backend Neutron's metadata agent would be
 
     seen: list[dict[str, str]] = []
-    backend = unix_http_server(broker.data_dir / "metadata_proxy", seen, body="instance-metadata ")
+    # metadata_proxy_socket_mode = group (0664): haproxy runs with the agent's gid (docs/neutron.md).
+    backend = unix_http_server(broker.data_dir / "metadata_proxy", seen, body="instance-metadata ", mode=0o664)
     agent = new_agent()
     try:
         for prefix in ("ovnmeta-", "qdhcp-"):

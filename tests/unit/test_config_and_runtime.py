@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from safespawn.config import parse_config
+from safespawn.config import DEFAULT_SIDECAR_UIDS, allocated_uid, host_id_conflicts, parse_config
 from safespawn.errors import ConfigError
 from safespawn.policy import Policy, builtin_profile_names, load_profile
 from safespawn.request import Request
@@ -97,19 +97,86 @@ def _spec(channel_extra, profile="dnsmasq"):
     return policy.authorize_start(cfg.channel("neutron-dhcp"), Request("a" * 32, "start", profile, ns, ("--no-hosts",)))
 
 
-def test_sidecars_run_as_the_agents_uid_by_default_and_as_sidecar_uid_when_set():
-    assert _spec({}).user == "0:0"
-    assert _spec({"agent_uid": 42435, "agent_gid": 42436}).user == "42435:42436"
+def test_sidecars_run_as_the_channels_own_allocated_uid_by_default_and_as_sidecar_uid_when_set():
+    uid = allocated_uid("neutron-dhcp")
+    first, count = DEFAULT_SIDECAR_UIDS
+    assert first <= uid < first + count and first >= 65536 and first + count <= 2**31, "never 0, never signed"
+    assert _spec({}).user == f"{uid}:{uid}", "a root agent (agent_uid 0) does not make its sidecars root"
+    assert _spec({"agent_uid": 42435, "agent_gid": 42436}).user == f"{uid}:{uid}", "nor the agent's uid"
     spec = _spec({"agent_uid": 42435, "agent_gid": 42435, "sidecar_uid": 200001, "sidecar_gid": 200002})
     assert spec.user == "200001:200002"
     cmd = run_argv(spec)
     assert "--user=200001:200002" in cmd[:cmd.index("localhost/example:latest")]
     assert "--pid=host" not in cmd
+    # An existing explicit sidecar_uid without sidecar_gid keeps its meaning (and its spec): the agent's gid.
+    assert _spec({"agent_gid": 42436, "sidecar_uid": 200001}).user == "200001:42436"
+    assert _spec({"sidecar_uid": 0, "sidecar_gid": 0}).user == "0:0", "root only when asked for"
+
+
+def test_the_allocated_uid_depends_on_the_channel_name_and_the_range_only():
+    a = parse_config({**CFG, "channels": {"a": {"image": "x", "profiles": ["dnsmasq"]}}}).channel("a")
+    ab = parse_config({**CFG, "channels": {"a": {"image": "x", "profiles": ["dnsmasq"]},
+                                           "b": {"image": "x", "profiles": ["dnsmasq"]}}})
+    assert a.sidecar_user == ab.channel("a").sidecar_user != ab.channel("b").sidecar_user
+    moved = parse_config({**CFG, "broker": {"sidecar_uids": [300000, 1000]},
+                          "channels": {"a": {"image": "x", "profiles": ["dnsmasq"]}}}).channel("a")
+    assert 300000 <= moved.sidecar_user[0] < 301000 and moved.sidecar_user[0] == moved.sidecar_user[1]
+
+
+@pytest.mark.parametrize("channels,match", [
+    ({"a": {"sidecar_uid": 200001}, "b": {"sidecar_uid": 200001}}, "is also channel a's"),
+    ({"a": {}, "b": {"sidecar_uid": allocated_uid("a")}}, "is also channel a's"),
+    ({"a": {"agent_uid": 42435}, "b": {"sidecar_uid": 42435}}, "is channel a's agent_uid"),
+])
+def test_two_channels_never_share_a_sidecar_uid(channels, match):
+    with pytest.raises(ConfigError, match=match):
+        parse_config({**CFG, "channels": {n: {"image": "x", "profiles": ["dnsmasq"], **t} for n, t in channels.items()}})
+
+
+def test_two_channels_whose_names_land_on_one_uid_are_a_config_error_not_a_shared_uid():
+    with pytest.raises(ConfigError, match="set sidecar_uid for one of them"):
+        parse_config({**CFG, "broker": {"sidecar_uids": [300000, 1]},
+                      "channels": {"a": {"image": "x", "profiles": ["dnsmasq"]},
+                                   "b": {"image": "x", "profiles": ["dnsmasq"]}}})
+    cfg = parse_config({**CFG, "broker": {"sidecar_uids": [300000, 1]},
+                        "channels": {"a": {"image": "x", "profiles": ["dnsmasq"]},
+                                     "b": {"image": "x", "profiles": ["dnsmasq"], "sidecar_uid": 300001}}})
+    assert (cfg.channel("a").sidecar_user[0], cfg.channel("b").sidecar_user[0]) == (300000, 300001)
+
+
+@pytest.mark.parametrize("value", [[0, 100], [1000, 10], [65536, 0], [4294967290, 10], [1, 2, 3], "70000"])
+def test_a_sidecar_uid_range_reaching_ordinary_accounts_or_past_the_last_uid_is_a_config_error(value):
+    with pytest.raises(ConfigError, match="sidecar_uids"):
+        parse_config({**CFG, "broker": {"sidecar_uids": value}})
+
+
+def test_check_config_finds_a_sidecar_uid_that_the_host_already_gives_out(tmp_path):
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    cfg = parse_config({**CFG, "channels": {"a": {"image": "x", "profiles": ["dnsmasq"]},
+                                            "b": {"image": "x", "profiles": ["dnsmasq"], "sidecar_uid": 1000,
+                                                  "sidecar_gid": 1000},
+                                            "c": {"image": "x", "profiles": ["dnsmasq"], "sidecar_uid": 165000,
+                                                  "sidecar_gid": 165000},
+                                            "d": {"image": "x", "profiles": ["dnsmasq"], "sidecar_uid": 0}}})
+    a = allocated_uid("a")
+    (etc / "passwd").write_text(f"root:x:0:0::/root:/bin/sh\nalice:x:1000:1000::/home/alice:/bin/sh\n"
+                                f"svc:x:{a}:{a}::/:/bin/false\n")
+    (etc / "group").write_text("root:x:0:\nalice:x:1000:\n")
+    (etc / "subuid").write_text("alice:100000:65536\n")
+    (etc / "subgid").write_text("alice:100000:65536\n")
+    found = {c.name: why for c, why in host_id_conflicts(cfg, str(etc))}
+    assert found["a"] == f"uid {a} is an account in {etc}/passwd"
+    assert found["b"] == f"uid 1000 is an account in {etc}/passwd; gid 1000 is a group in {etc}/group"
+    assert found["c"] == (f"uid 165000 is in alice's range 100000-165535 in {etc}/subuid; "
+                          f"gid 165000 is in alice's range 100000-165535 in {etc}/subgid")
+    assert "d" not in found, "uid 0 has its own warning"
 
 
 def test_a_non_root_sidecar_never_gets_setuid_or_setgid():
-    root = _spec({})
+    root = _spec({"sidecar_uid": 0, "sidecar_gid": 0})
     assert {"SETUID", "SETGID"} <= set(root.capabilities), "dnsmasq as root drops to its own user"
+    assert not {"SETUID", "SETGID"} & set(_spec({}).capabilities), "the default (allocated) uid is unprivileged"
     unpriv = _spec({"sidecar_uid": 200001, "sidecar_gid": 200001})
     assert set(unpriv.capabilities) == set(root.capabilities) - {"SETUID", "SETGID"}
 
@@ -135,8 +202,65 @@ def test_check_config_warns_about_root_sidecars_and_pid_host(tmp_path, capsys):
     assert main(["--config", str(cfg), "check-config"]) == 0
     err = capsys.readouterr().err
     assert "channel a: profile dnsmasq sets pid_host = true" in err
-    assert "channel a: sidecars run as host uid 0" in err
+    assert "channel a: sidecar_uid = 0" not in err, "a root agent alone does not make root sidecars"
     assert "channel b" not in err
+
+
+def test_check_config_warns_about_an_explicit_root_sidecar_uid_and_a_root_run_as_agent_profile(tmp_path, capsys):
+    from safespawn.cli import main
+
+    cfg = tmp_path / "safespawn.toml"
+    cfg.write_text('[channels.a]\nimage = "x"\nprofiles = ["dnsmasq"]\nsidecar_uid = 0\nsidecar_gid = 0\n'
+                   '[channels.b]\nimage = "x"\nprofiles = ["keepalived", "neutron-keepalived-state-change"]\n'
+                   '[channels.c]\nimage = "x"\nprofiles = ["neutron-keepalived-state-change"]\n'
+                   'agent_uid = 42435\nagent_gid = 42435\n')
+    assert main(["--config", str(cfg), "check-config"]) == 0
+    out, err = capsys.readouterr()
+    assert "channel a: sidecar_uid = 0: sidecars run as host uid 0" in err
+    assert "channel b: profile neutron-keepalived-state-change runs as the agent's uid" in err
+    assert "channel b: sidecar_uid" not in err and "channel c" not in err
+    assert f"channel b: image x, profiles keepalived, neutron-keepalived-state-change, data dirs -, sidecar uid:gid " \
+           f"{allocated_uid('b')}:{allocated_uid('b')} (allocated)" in out
+
+
+def test_an_unprivileged_sidecar_gets_its_writable_files_and_loses_the_user_to_switch_to():
+    ns = "qrouter-11111111-2222-3333-4444-555555555555"
+    cfg = parse_config({**CFG, "channels": {"l3": {"image": "x", "profiles": ["radvd", "neutron-keepalived-state-change"],
+                                                   "data_dirs": ["/var/lib/neutron"]},
+                                            "r": {"image": "x", "profiles": ["radvd"], "sidecar_uid": 0,
+                                                  "data_dirs": ["/var/lib/neutron"]}}})
+    policy = Policy(cfg, host_ns=[])
+    policy.check_netns = lambda profile, netns, resolve=True: f"/run/netns/{netns}"  # type: ignore[method-assign]
+    argv = ("-C", "/var/lib/neutron/ra/r.radvd.conf", "-p", "/var/lib/neutron/external/pids/r.pid.radvd",
+            "-m", "syslog", "-u", "root")
+    unpriv = policy.authorize_start(cfg.channel("l3"), Request("a" * 32, "start", "radvd", ns, argv))
+    assert "-u" not in unpriv.args and "root" not in unpriv.args and "/var/lib/neutron/ra/r.radvd.conf" in unpriv.args
+    root = policy.authorize_start(cfg.channel("r"), Request("a" * 32, "start", "radvd", ns, argv))
+    assert root.args[-2:] == ("-u", "root"), "a root sidecar can switch users: the argument stays"
+    mon = policy.authorize_start(cfg.channel("l3"), Request("a" * 32, "start", "neutron-keepalived-state-change", ns, (
+        "--router_id", "11111111-2222-3333-4444-555555555555", "--namespace", ns,
+        "--conf_dir", "/var/lib/neutron/ha_confs/r", "--pid_file", "/var/lib/neutron/ha_confs/r.monitor.pid",
+        "--state_path", "/var/lib/neutron")))
+    assert mon.user == "0:0" and mon.capabilities == (), "run_as = agent: the (root) agent's uid, no capability"
+    uid = allocated_uid("l3")
+    cfg2 = parse_config({**CFG, "channels": {"l3": {"image": "x", "profiles": ["haproxy"], "agent_gid": 42436}}})
+    p2 = Policy(cfg2, host_ns=[])
+    p2.check_netns = lambda profile, netns, resolve=True: f"/run/netns/{netns}"  # type: ignore[method-assign]
+    hap = p2.authorize_start(cfg2.channel("l3"), Request("a" * 32, "start", "haproxy", ns, ()))
+    assert hap.user == f"{uid}:42436", "haproxy: the channel's own uid, the agent's gid (its metadata socket)"
+    dhcp = _spec({"data_dirs": ["/var/lib/neutron"]})
+    assert dhcp.writable_files == ()
+    ns4 = "qdhcp-11111111-2222-3333-4444-555555555555"
+    cfg4 = parse_config({**CFG, "channels": {"d": {"image": "x", "profiles": ["dnsmasq"], "data_dirs": ["/var/lib/neutron"]},
+                                             "z": {"image": "x", "profiles": ["dnsmasq"], "data_dirs": ["/var/lib/neutron"],
+                                                   "sidecar_uid": 0}}})
+    p4 = Policy(cfg4, host_ns=[])
+    p4.check_netns = lambda profile, netns, resolve=True: f"/run/netns/{netns}"  # type: ignore[method-assign]
+    dargv = ("--dhcp-leasefile=/var/lib/neutron/dhcp/n/leases", "--pid-file=/var/lib/neutron/dhcp/n/pid",
+             "--log-facility=/var/lib/neutron/dhcp/n/log")
+    d = p4.authorize_start(cfg4.channel("d"), Request("a" * 32, "start", "dnsmasq", ns4, dargv))
+    assert d.writable_files == ("/var/lib/neutron/dhcp/n/leases", "/var/lib/neutron/dhcp/n/log")
+    assert p4.authorize_start(cfg4.channel("z"), Request("a" * 32, "start", "dnsmasq", ns4, dargv)).writable_files == ()
 
 
 def test_check_config_warns_about_channels_that_share_a_data_dir(tmp_path, capsys):

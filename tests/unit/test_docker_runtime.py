@@ -44,7 +44,7 @@ def test_nothing_from_the_request_goes_before_the_image_in_docker_run():
     assert "--privileged" not in " ".join(before)
     assert before.index("--cap-drop=ALL") < min(before.index(a) for a in before if a.startswith("--cap-add="))
     assert {a for a in before if a.startswith("--cap-add=")} == {
-        f"--cap-add={c}" for c in ("NET_ADMIN", "NET_RAW", "NET_BIND_SERVICE", "SETUID", "SETGID")}
+        f"--cap-add={c}" for c in ("NET_ADMIN", "NET_RAW", "NET_BIND_SERVICE")}  # no SETUID/SETGID: not root
     for opt in ("--security-opt=no-new-privileges", "--read-only", "--runtime=safespawn", "--network=none",
                 "--cgroupns=private", "--pull=never", "--entrypoint=dnsmasq", "--restart=on-failure:3",
                 f"--env=SAFESPAWN_NETNS={NS}", "--env=SAFESPAWN_PROFILE=dnsmasq",
@@ -127,6 +127,20 @@ def test_the_rewrite_sets_only_the_netns_path_and_hardens_bind_mounts():
     assert out["mounts"][0]["options"] == ["rbind", "rslave", "nosuid", "nodev", "noexec"]
     assert out["mounts"][1] == CONFIG["mounts"][1]
     assert out["process"] == CONFIG["process"]
+
+
+def test_the_rewrite_makes_a_non_root_sidecars_granted_capabilities_ambient_and_nothing_more():
+    cfg = copy.deepcopy(CONFIG)
+    cfg["process"]["user"] = {"uid": 2046820353, "gid": 2046820353}
+    # What Docker 20.10 writes for a non-root --user: the bounding set only. A stray effective entry
+    # outside it (CAP_SYS_ADMIN) is dropped, never made ambient.
+    cfg["process"]["capabilities"] = {"bounding": ["CAP_NET_ADMIN", "CAP_NET_RAW"], "effective": ["CAP_SYS_ADMIN"]}
+    root = copy.deepcopy(cfg)
+    caps = rewrite(cfg, 7, 1234)["process"]["capabilities"]
+    want = ["CAP_NET_ADMIN", "CAP_NET_RAW"]
+    assert caps == {k: want for k in ("bounding", "effective", "permitted", "inheritable", "ambient")}
+    root["process"]["user"] = {"uid": 0, "gid": 0}
+    assert "ambient" not in rewrite(root, 7, 1234)["process"]["capabilities"], "root keeps its caps anyway"
 
 
 @pytest.mark.parametrize("namespaces", [

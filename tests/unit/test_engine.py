@@ -18,6 +18,7 @@ from support.engine_host import CH, Host
 
 from safespawn import client
 from safespawn.state import STABLE_AFTER
+from safespawn.config import allocated_uid
 from safespawn.errors import ChannelLocked, RuntimeFailed
 from safespawn.request import parse_request
 from safespawn.sidecar import LABEL_CHANNEL
@@ -340,6 +341,10 @@ def test_status_lists_desired_sidecars_with_their_state(host: Host) -> None:
     st = host.engine.status(CH)
     assert [(s["name"], s["state"], s["pid"]) for s in st["sidecars"]] == [(name, "exited", None)]
     assert all(c.labels[LABEL_CHANNEL] == CH for c in host.rt.containers.values())
+    # The uid it runs as: the channel's own, allocated (this channel configures none).
+    uid = allocated_uid(CH)
+    assert st["sidecar_user"] == f"{uid}:{uid}" and st["sidecar_user_source"] == "allocated"
+    assert [s["user"] for s in st["sidecars"]] == [f"{uid}:{uid}"] == [host.rt.specs[name].user]
 
 
 # -- the pipeline: each reply as soon as its own work is done ------------------------------------
@@ -482,3 +487,48 @@ def test_at_most_parallel_starts_runtime_calls_run_at_once(tmp_path: Path) -> No
     host.sync()
     assert all(host.reply(r)["ok"] for r in rids)  # type: ignore[index]
     assert most[0] == 2, most
+
+
+# -- files a program writes: handed to the sidecar's uid before each start -------------------------
+
+
+def test_the_files_a_program_writes_become_its_uids_before_each_start_and_respawn(tmp_path: Path) -> None:
+    from support.engine_host import SLEEPER
+
+    from safespawn.engine import Engine
+    from safespawn.policy import Policy, parse_profile
+
+    # As root the file goes to another uid; as any other user only to oneself (what chown allows).
+    uid, gid = (250000, 250001) if os.getuid() == 0 else (os.getuid(), os.getgid())
+    data = tmp_path / "data"
+    data.mkdir()
+    host = Host(tmp_path, data_dirs=[str(data)], sidecar_uid=uid, sidecar_gid=gid)
+    writer = parse_profile({**SLEEPER, "writable_files": ["--out"],
+                            "args": {**SLEEPER["args"], "--out": {"type": "path"}}}, "sleeper")
+    host.engine = Engine(host.cfg, runtime=host.rt, policy=Policy(host.cfg, profiles={"sleeper": writer}),
+                         clock=host.clock)
+    out = data / "leases"
+    out.write_text("kept\n")
+    out.chmod(0o600)
+    seen = []
+    real_run = host.rt.run
+
+    def run(spec):  # type: ignore[no-untyped-def]
+        st = out.stat()
+        seen.append((st.st_uid, st.st_gid, st.st_mode & 0o777))  # what the program would find at its start
+        return real_run(spec)
+
+    host.rt.run = run  # type: ignore[method-assign]
+    r = host.ask(host.start("a", f"--out={out}"))
+    assert r["ok"], r
+    assert seen == [(uid, gid, 0o644)] and out.read_text() == "kept\n"
+    # The agent replaces the file (as Neutron rewrites its lease file) and the sidecar dies: the
+    # respawn hands the new file over before the program starts again.
+    tmp = data / ".new"
+    tmp.write_text("new\n")
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, out)
+    host.rt.crash(r["sidecar"])
+    host.clock.now += 3600
+    host.sync()
+    assert seen[-1] == (uid, gid, 0o644) and len(seen) == 2, seen
