@@ -29,7 +29,7 @@ from support.usersystemd import SAFESPAWN, UserManager, count_lines, wait_until,
 
 from safespawn import client
 from safespawn.config import load_config
-from safespawn.units import SCOPES, render_units
+from safespawn.units import SCOPES, START_LIMIT_BURST, render_units
 
 SYNC = "safespawn-sync@.service"
 RECONCILE = "safespawn-reconcile.service"
@@ -150,9 +150,10 @@ def test_a_request_written_while_the_sync_runs_is_served(make_host: Any, tmp_pat
                        f'if [ "$1" = ps ] && [ -e {flag} ]; then : > {in_ps}; sleep 2; rm -f {in_ps}; fi\n'
                        f'exec {shutil.which("podman")} "$@"\n')
     wrapper.chmod(0o755)
-    h: Host = make_host(podman=str(wrapper))
-    # The plain full sync, whose reconcile step lists (the installed `--quick --linger` run lists
-    # nothing while its sidecars verify, and would serve the late requests itself while it lingers).
+    # The oneshot units (broker.sync_resident = false), running the plain full sync, whose reconcile
+    # step lists (a `--quick --linger` run lists nothing while its sidecars verify, and would serve
+    # the late requests itself while it lingers; a resident broker serves them all itself).
+    h: Host = make_host(podman=str(wrapper), sync_resident=False)
     h.m.drop_in(SYNC, "full-sync", f"[Service]\nExecStart=\nExecStart={SAFESPAWN} sync %i\n")
     h.install(timer=False)
     flag.touch()
@@ -268,9 +269,10 @@ def test_a_failed_path_unit_is_rearmed_by_the_timer_and_pending_requests_are_ser
     """With the installed limits, hammering inbox/trigger cannot fail the path unit: systemd counts
     activations, and drops its watches while the sync runs. A drop-in lowers the limit so that the
     same hammering forces the failure (what a sync failing at once in a loop does with the real
-    limits); the timer must then re-arm the unit and serve what waited meanwhile. The syncs do not
-    linger here: a run that lingers 2 s keeps the activations too few for any limit."""
-    h: Host = make_host(reconcile_interval=3, sync_linger=0)
+    limits); the timer must then re-arm the unit and serve what waited meanwhile. The oneshot units
+    (broker.sync_resident = false), not lingering: a run that lingers 2 s, or a resident broker,
+    keeps the activations too few for any limit."""
+    h: Host = make_host(reconcile_interval=3, sync_linger=0, sync_resident=False)
     h.install()
     trigger = h.b.channel_dir() / "inbox" / "trigger"
     touches = _hammer(trigger, 3.0)
@@ -341,20 +343,33 @@ def test_install_is_idempotent_and_uninstall_leaves_sidecars_unless_asked(make_h
     assert again.strip() == "safespawn uninstall: nothing to change", again
 
 
-def test_the_trigger_limit_stops_a_sync_that_fails_at_once(host: Host) -> None:
-    """What the installed trigger limit is for: a run that fails at once (here: the executable
-    replaced by /bin/false) while a request waits makes the level-triggered path unit start it in a
-    tight loop; systemd stops that loop within seconds, and `rearm` (the timer's first step) brings
-    the unit back once the cause is fixed, serving what waited."""
-    host.m.systemctl("stop", "safespawn-reconcile.timer")
+@pytest.mark.parametrize("resident", [True, False], ids=["resident-broker", "oneshot"])
+def test_the_start_limits_stop_a_broker_that_fails_at_once(make_host: Any, resident: bool) -> None:
+    """What the installed limits are for: a broker that fails at once (here: the executable
+    replaced by /bin/false) while a request waits. The resident broker's unit restarts it, the
+    oneshot's level-triggered path unit starts it again: either way a tight loop, which systemd
+    stops within seconds (the broker's start limit; the oneshot's trigger limit). `rearm` (the
+    timer's first step) brings the units back once the cause is fixed, serving what waited."""
+    host: Host = make_host(sync_resident=resident)
+    host.install(timer=False)
     broken = host.m.drop_in(SYNC, "test-broken", "[Service]\nExecStart=\nExecStart=/bin/false\n")
     host.m.systemctl("daemon-reload")
+    host.m.systemctl("stop", host.service)  # the resident broker runs since install
     rid = host.b.write(client.start_request("sleeper", ["--key=waiting"]))
-    wait_until(lambda: _state(host)["Result"] == "trigger-limit-hit", timeout=30, what="the trigger limit")
+    limit = "unit-start-limit-hit" if resident else "trigger-limit-hit"
+    wait_until(lambda: _state(host)["Result"] == limit, timeout=40, what="the limit")
     assert _state(host)["ActiveState"] == "failed" and host.b.reply(rid) is None
+    if resident:
+        # Stopped by the start limit: at most StartLimitBurst starts (the path unit's own start
+        # of the failed broker is what systemd refused).
+        st = host.m.show(host.service, "ActiveState", "NRestarts")
+        assert st["ActiveState"] == "failed" and int(st["NRestarts"]) <= START_LIMIT_BURST, st
 
     broken.unlink()
     host.m.systemctl("daemon-reload")
-    host.m.safespawn("rearm", "--scope", "user")
+    host.m.safespawn("rearm", "--scope", "user", *(["--brokers"] if resident else []))
     wait_until(lambda: host.b.reply(rid), timeout=30, what="the waiting request's reply")
     assert host.b.reply(rid)["ok"] and _state(host)["ActiveState"] == "active"  # type: ignore[index]
+    if resident:
+        wait_until(lambda: host.m.show(host.service, "ActiveState")["ActiveState"] == "active", timeout=10,
+                   what="the broker running again")
