@@ -165,11 +165,11 @@ def submit(channel_dir: str, request: Dict[str, Any], timeout: float = DEFAULT_T
             break
         time.sleep(min(delay, deadline - now))
         # A resident broker answers a signal in a few ms and a start in about a hundred: look every
-        # millisecond at first, then a little less often (one failed open() each, ~100 in the first
-        # second), and back off after a second. Waiting on inotify instead was measured to cost
+        # millisecond at first, then every 5 ms (one failed open() each, ~200 in the first second),
+        # and back off after a second. Waiting on inotify instead was measured to cost
         # more (importing ctypes, ~8 ms a process) than this poll adds (benchmarks/client_cost.py),
         # and each waiting client would hold one of its uid's inotify instances.
-        delay = min(delay * 1.25, 0.01 if now - start < 1.0 else 0.1)
+        delay = min(delay * 1.25, 0.005 if now - start < 1.0 else 0.1)
     withdrawn = False
     try:
         os.unlink(new)
