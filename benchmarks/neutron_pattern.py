@@ -419,7 +419,7 @@ def sporadic(bench: Bench, args: argparse.Namespace) -> None:
                                          f"label=safespawn.channel={b.channel}"])))
             lat: dict[str, list[float]] = {"start": [], "hup": [], "podman_run": [], "podman_kill": []}
             loads = []
-            def timed(key: str, fn: Callable[[], Any]) -> Any:
+            def timed(key: str, fn: Callable[[], Any], lat: dict[str, list[float]] = lat) -> Any:
                 # Every call, safespawn's and podman's alike, comes GAP seconds after the last one.
                 time.sleep(args.gap)
                 t0 = time.monotonic()
