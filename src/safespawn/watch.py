@@ -178,7 +178,7 @@ def runs_as_recorded(engine: Engine, name: str) -> bool:
     b = engine.config.broker
     st = ChannelState.of(b.state_dir, name)
     try:
-        st.load()  # desired.json is parsed again only when it changed (state.py)
+        st.load_desired()  # parsed again only when it changed (state.py)
     except (OSError, ValueError):
         return False
     now = time.time()
