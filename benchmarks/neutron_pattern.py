@@ -419,12 +419,17 @@ def sporadic(bench: Bench, args: argparse.Namespace) -> None:
                                          f"label=safespawn.channel={b.channel}"])))
             lat: dict[str, list[float]] = {"start": [], "hup": [], "podman_run": [], "podman_kill": []}
             loads = []
-            def timed(key: str, fn: Callable[[], Any], lat: dict[str, list[float]] = lat) -> Any:
+            spans: dict[str, list[tuple[float, float]]] = {"start": [], "hup": []}
+
+            def timed(key: str, fn: Callable[[], Any], lat: dict[str, list[float]] = lat,
+                      spans: dict[str, list[tuple[float, float]]] = spans) -> Any:
                 # Every call, safespawn's and podman's alike, comes GAP seconds after the last one.
                 time.sleep(args.gap)
-                t0 = time.monotonic()
+                w0, t0 = time.time(), time.monotonic()
                 out = fn()
                 lat[key].append(time.monotonic() - t0)
+                if key in spans:
+                    spans[key].append((w0, time.time()))
                 return out
 
             for i, ns in enumerate(bench.netns(args.rounds)):
@@ -454,8 +459,34 @@ def sporadic(bench: Bench, args: argparse.Namespace) -> None:
                       f"{pct(lat[pod], 50) * 1000:.0f} ms ({pct(lat[pod], 95) * 1000:.0f}) | "
                       f"**{pct(lat[key], 50) / pct(lat[pod], 50):.2f}x** |")
             print(f"\nload average (1 min) during the rounds: {min(loads):.2f}-{max(loads):.2f}; at the end {load()}")
+            print_segments(bench, spans)
     finally:
         m.stop()
+
+
+def print_segments(bench: Bench, spans: dict[str, list[tuple[float, float]]]) -> None:
+    """Where a wrapper-mode request's time goes, from the broker's ledger (its claim and its
+    durable reply carry wall-clock times): process start to claim (interpreter, imports, the
+    request written, the broker's pick-up), claim to reply (the broker's work: for a start the
+    `podman run` and the program's start-up), reply to exit (the client sees it, the process ends)."""
+    ledger = bench.b.root / "state" / bench.b.channel / "ledger.jsonl"
+    entries = [json.loads(line) for line in ledger.read_text().splitlines() if line.strip()]
+    claimed = {e["id"]: e["t"] for e in entries if e["s"] == "claimed"}
+    done = {e["id"]: e["t"] for e in entries if e["s"] == "done"}
+    print("\n| where the time goes, p50 | process start -> claimed | claimed -> reply durable | reply -> exit |"
+          "\n|---|---|---|---|")
+    for key, what in (("start", "start (wrapper)"), ("hup", "HUP (kill script)")):
+        a, b_, c = [], [], []
+        for w0, w1 in spans[key]:
+            ids = [i for i, t in claimed.items() if w0 <= t <= w1 and i in done]
+            if len(ids) != 1:
+                continue
+            a.append(claimed[ids[0]] - w0)
+            b_.append(done[ids[0]] - claimed[ids[0]])
+            c.append(w1 - done[ids[0]])
+        if a:
+            print(f"| {what} (n = {len(a)}) | {pct(a, 50) * 1000:.0f} ms | {pct(b_, 50) * 1000:.0f} ms | "
+                  f"{pct(c, 50) * 1000:.0f} ms |")
 
 
 def main() -> int:
