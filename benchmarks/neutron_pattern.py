@@ -419,6 +419,8 @@ def sporadic(bench: Bench, args: argparse.Namespace) -> None:
                                          f"label=safespawn.channel={b.channel}"])))
             lat: dict[str, list[float]] = {"start": [], "hup": [], "podman_run": [], "podman_kill": []}
             loads = []
+            main_pid = int(m.show(f"safespawn-sync@{b.channel}.service", "MainPID")["MainPID"])
+            cpu0, t_cpu0 = cpu_seconds(main_pid), time.monotonic()
             spans: dict[str, list[tuple[float, float]]] = {"start": [], "hup": []}
 
             def timed(key: str, fn: Callable[[], Any], lat: dict[str, list[float]] = lat,
@@ -445,6 +447,8 @@ def sporadic(bench: Bench, args: argparse.Namespace) -> None:
                 if i % 2:
                     timed("podman_kill", lambda name=name: sh(["podman", "kill", "--signal=HUP", name]))
                 loads.append(os.getloadavg()[0])
+            cpu = (cpu_seconds(main_pid) - cpu0) / (time.monotonic() - t_cpu0) if main_pid else 0.0
+            rss = vm_hwm(main_pid) if main_pid else 0
             bench.remove_baseline()
             inv = m.show(f"safespawn-sync@{b.channel}.service", "NRestarts", "MainPID")
             print(f"\n## Sporadic requests through {units_kind(bench)}\n")
@@ -460,8 +464,29 @@ def sporadic(bench: Bench, args: argparse.Namespace) -> None:
                       f"**{pct(lat[key], 50) / pct(lat[pod], 50):.2f}x** |")
             print(f"\nload average (1 min) during the rounds: {min(loads):.2f}-{max(loads):.2f}; at the end {load()}")
             print_segments(bench, spans)
+            if main_pid:
+                print(f"\nthe resident broker over the rounds (requests {args.gap:g} s apart, {running} sidecars, "
+                      f"the once-a-second check included): CPU {cpu * 100:.2f}% of one core; peak RSS "
+                      f"{rss / 1024:.1f} MiB")
     finally:
         m.stop()
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, in seconds (0 when it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def vm_hwm(pid: int) -> int:
+    """Peak RSS of a process, KiB."""
+    try:
+        return int(Path(f"/proc/{pid}/status").read_text().split("VmHWM:")[1].split()[0])
+    except (OSError, IndexError):
+        return 0
 
 
 def print_segments(bench: Bench, spans: dict[str, list[tuple[float, float]]]) -> None:
