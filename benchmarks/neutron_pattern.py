@@ -464,6 +464,15 @@ def sporadic(bench: Bench, args: argparse.Namespace) -> None:
                       f"**{pct(lat[key], 50) / pct(lat[pod], 50):.2f}x** |")
             print(f"\nload average (1 min) during the rounds: {min(loads):.2f}-{max(loads):.2f}; at the end {load()}")
             print_segments(bench, spans)
+            from safespawn.watch import runs_as_recorded
+
+            checks = []
+            for _ in range(50):
+                t0 = time.monotonic()
+                assert runs_as_recorded(b.engine, b.channel)
+                checks.append(time.monotonic() - t0)
+            print(f"\nthe once-a-second check (through /proc, {running} sidecars), in this process: p50 "
+                  f"{pct(checks, 50) * 1000:.2f} ms ({pct(checks, 50) / running * 1e6:.0f} us a sidecar)")
             if main_pid:
                 print(f"\nthe resident broker over the rounds (requests {args.gap:g} s apart, {running} sidecars, "
                       f"the once-a-second check included): CPU {cpu * 100:.2f}% of one core; peak RSS "
