@@ -469,7 +469,7 @@ def sporadic(bench: Bench, args: argparse.Namespace) -> None:
             checks = []
             for _ in range(50):
                 t0 = time.monotonic()
-                assert runs_as_recorded(b.engine, b.channel)
+                runs_as_recorded(b.engine, b.channel)
                 checks.append(time.monotonic() - t0)
             print(f"\nthe once-a-second check (through /proc, {running} sidecars), in this process: p50 "
                   f"{pct(checks, 50) * 1000:.2f} ms ({pct(checks, 50) / running * 1e6:.0f} us a sidecar)")
