@@ -188,7 +188,10 @@ def runs_as_recorded(engine: Engine, name: str) -> bool:
             if d.failures and now >= d.next_retry:
                 return False
             continue
-        if not pidsignal.is_alive(ident):
+        # The start time alone (one read of /proc/PID/stat): the same pid starting again within the
+        # same clock tick is not a case to pay a second read per sidecar per second for; a signal
+        # checks the full identity (and the cgroup) at delivery anyway.
+        if pidsignal.start_ticks(ident.pid) != ident.start_ticks:
             return False
         if d.netns is not None and not os.path.lexists(os.path.join(str(b.netns_dir), d.netns)):
             return False
