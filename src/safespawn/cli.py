@@ -128,10 +128,12 @@ def _linger(engine: Any, cfg: Config, names: list[str], seconds: float) -> None:
 
 
 def cmd_watch(args: argparse.Namespace, cfg: Config) -> int:
-    from .watch import watch
+    from .watch import ConfigFollower, watch
 
-    watch(_engine(cfg), interval=args.interval, reconcile_interval=args.reconcile_interval,
-          use_inotify=not args.poll)
+    engine = _engine(cfg)
+    names = args.channels or sorted(cfg.channels)
+    watch(engine, interval=args.interval, reconcile_interval=args.reconcile_interval, use_inotify=not args.poll,
+          channels=names, quick=args.quick, reload=ConfigFollower(engine, args.config, names, _engine))
     return ExitCode.OK
 
 
@@ -357,7 +359,7 @@ def cmd_uninstall(args: argparse.Namespace, cfg: Config) -> int:
 def cmd_rearm(args: argparse.Namespace) -> int:
     from .units import rearm
 
-    return rearm(args.scope)
+    return rearm(args.scope, brokers=args.brokers)
 
 
 def cmd_wrappers_install(args: argparse.Namespace) -> int:
@@ -415,11 +417,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(run=_with_config(cmd_sync))
 
     s = sub.add_parser("watch", help="lay out the channels and sync them as requests arrive (hosts without "
-                       "systemd)")
+                       "systemd; with --quick --channel CH, the installed resident broker)")
     s.add_argument("--interval", type=float, default=0.05,
                    help="seconds between inbox polls when inotify is not available")
     s.add_argument("--reconcile-interval", type=float, default=None, help="seconds between full syncs")
     s.add_argument("--poll", action="store_true", help="poll the inboxes instead of waiting on inotify events")
+    s.add_argument("--channel", dest="channels", action="append", metavar="CH",
+                   help="serve only this channel (repeatable; default: every configured channel)")
+    s.add_argument("--quick", action="store_true",
+                   help="quick syncs only, no full pass (what the installed resident broker runs: the reconcile "
+                   "timer does the full passes)")
     s.set_defaults(run=_with_config(cmd_watch))
 
     s = sub.add_parser("status", help="show the sidecars of channels")
@@ -486,6 +493,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("rearm", help="restart safespawn-sync@ path units that systemd put in the failed state "
                        "(run by safespawn-reconcile.service)")
     s.add_argument("--scope", choices=SCOPES, default="system")
+    s.add_argument("--brokers", action="store_true",
+                   help="also start the resident broker of every watching path unit that has none running")
     s.set_defaults(run=cmd_rearm)
 
     s = sub.add_parser("wrappers", help="Neutron drop-in wrappers and kill scripts for an agent container")

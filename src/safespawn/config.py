@@ -133,9 +133,14 @@ class BrokerConfig:
     metrics_file: Path | None = None
     # How long the installed sync service waits after serving for the next request, serving it in
     # the same process (`safespawn sync --quick --linger`); 0: it exits at once. At most 30.
+    # Only used when sync_resident is false.
     sync_linger: float = 2.0
     # [first, count]: the uids allocated to channels that set no sidecar_uid (allocated_uid).
     sidecar_uids: tuple[int, int] = DEFAULT_SIDECAR_UIDS
+    # The installed sync service is a resident broker per channel (`safespawn watch --quick
+    # --channel CH`, restarted by systemd, started by its path unit or the timer when none runs);
+    # false: a oneshot per activation that lingers sync_linger seconds (docs/operations.md).
+    sync_resident: bool = True
 
 
 @dataclass(frozen=True)
@@ -342,6 +347,7 @@ def parse_config(data: dict[str, Any], path: Path | None = None) -> Config:
         metrics_file=_metrics_file(_take(b, "metrics_file", str, where, None)),
         sync_linger=float(_take(b, "sync_linger", (int, float), where, d.sync_linger)),
         sidecar_uids=_uid_range(_take(b, "sidecar_uids", list, where, list(d.sidecar_uids))),
+        sync_resident=_take(b, "sync_resident", bool, where, d.sync_resident),
     )
     if not 0 <= broker.sync_linger <= 30:
         raise ConfigError("broker.sync_linger: seconds, from 0 to 30")

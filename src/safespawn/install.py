@@ -25,11 +25,13 @@ from .units import (
     MARKER,
     RECONCILE_TIMER,
     SYNC_PATH,
+    SYNC_SERVICE,
     UNIT_NAMES,
     Systemctl,
     default_unit_dir,
     path_unit,
     render_units,
+    sync_service,
 )
 
 MANIFEST = "install.json"
@@ -208,7 +210,7 @@ def install(cfg: Config, *, scope: str, channels: list[str], unit_dir: Path, exe
     # 3. the manager: reload, enable, start (restart what changed, re-arm what failed). What was
     # created is recorded even if systemctl fails below, so that uninstall can still remove it.
     try:
-        _activate(channels, changed, scope, report)
+        _activate(channels, changed, scope, report, resident=cfg.broker.sync_resident)
     finally:
         if report.changes and not dry_run:
             manifest.save(b.state_dir)
@@ -216,7 +218,7 @@ def install(cfg: Config, *, scope: str, channels: list[str], unit_dir: Path, exe
     return ExitCode.OK
 
 
-def _activate(channels: list[str], changed: set[str], scope: str, report: Report) -> None:
+def _activate(channels: list[str], changed: set[str], scope: str, report: Report, resident: bool = False) -> None:
     dry_run = report.dry_run
     sc = Systemctl(scope)
     wanted = [path_unit(ch) for ch in channels] + [RECONCILE_TIMER]
@@ -244,6 +246,25 @@ def _activate(channels: list[str], changed: set[str], scope: str, report: Report
                 sc.run("start", "--", u)
         elif template in changed and report.change(f"restart {u} (its unit file changed)"):
             sc.run("restart", "--", u)
+    if resident:
+        # The resident brokers run from now on (they keep pid files true after a runtime restart),
+        # not only from the first request; one whose unit file changed runs the new one.
+        brokers = [sync_service(ch) for ch in channels]
+        try:
+            running = sc.show(brokers, ("ActiveState",))
+        except InstallError:
+            if not dry_run:
+                raise
+            running = {}
+        for u in brokers:
+            active = running.get(u, {}).get("ActiveState", "inactive")
+            if active in ("active", "activating", "reloading"):
+                if SYNC_SERVICE in changed and report.change(f"restart {u} (its unit file changed)"):
+                    sc.run("restart", "--no-block", "--", u)
+            elif report.change(f"start {u}"):
+                if active == "failed":
+                    sc.run("reset-failed", "--", u)
+                sc.run("start", "--no-block", "--", u)
 
 
 # -- uninstall -------------------------------------------------------------------------------

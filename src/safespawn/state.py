@@ -198,6 +198,17 @@ class ChannelState:
         reused while it is the same file (it is only ever replaced by rename), and of the append-only
         ledger only the lines added since are parsed. Either cache holds exactly bytes read from disk.
         """
+        self.load_desired()
+        self.ledger = {}
+        self._ledger_lines = 0
+        try:
+            with open(self.ledger_path, "rb") as f:
+                self._load_ledger(f)
+        except FileNotFoundError:
+            _LEDGER_CACHE.pop(self.ledger_path, None)
+
+    def load_desired(self) -> None:
+        """Read the desired state only (what a resident broker's once-a-second check needs)."""
         path = os.path.join(self.path, "desired.json")
         try:
             with open(path, "rb") as f:
@@ -211,13 +222,6 @@ class ChannelState:
                 _DESIRED_CACHE[path] = (raw, dict(self.desired))
         except FileNotFoundError:
             self.desired = {}
-        self.ledger = {}
-        self._ledger_lines = 0
-        try:
-            with open(self.ledger_path, "rb") as f:
-                self._load_ledger(f)
-        except FileNotFoundError:
-            _LEDGER_CACHE.pop(self.ledger_path, None)
 
     def _load_ledger(self, f: Any) -> None:
         st = os.fstat(f.fileno())

@@ -63,6 +63,20 @@ TRIGGER_LIMIT_BURST = 100
 # A sync that hangs (podman stuck past its own per-call timeouts) is killed after this; the ledger
 # makes the interrupted run safe to replay, and the path unit starts the next one.
 SYNC_TIMEOUT = "15min"
+# The resident broker (broker.sync_resident): systemd restarts it 1 s after a crash; a broker that
+# fails at once in a loop is stopped after 10 starts in a minute (the timer serves meanwhile).
+RESTART_SEC = "1s"
+START_LIMIT_INTERVAL = "60s"
+START_LIMIT_BURST = 10
+# Bounds on the resident broker's cgroup: the broker (peak RSS measured: 26 MiB serving, 69 MiB
+# recovering 300 sidecars), its runtime CLI calls (at most parallel_starts at once, ~40 MiB each),
+# and, where podman's cgroupfs manager leaves them there, the sidecars' conmon processes (~0.3 MiB
+# each of their own). A bound against a runaway, not a budget; CPU: at most two cores' worth, and
+# half the default weight when the host is busy (the sidecars and the agents come first).
+MEMORY_HIGH = "768M"
+MEMORY_MAX = "1536M"
+CPU_QUOTA = "200%"
+CPU_WEIGHT = 50
 # Capabilities the broker and podman never need; dropping them from the bounding set also takes them
 # out of reach of every sidecar (conmon and crun inherit it), whatever a profile says.
 DROPPED_CAPABILITIES = ("CAP_SYS_MODULE", "CAP_SYS_BOOT", "CAP_SYS_TIME", "CAP_WAKE_ALARM", "CAP_SYSLOG",
@@ -89,6 +103,7 @@ def render_units(cfg: Config, scope: str, executable: str, config_file: str) -> 
     channels = _unit_path(str(cfg.broker.channels_dir), "broker.channels_dir")
     interval = cfg.broker.reconcile_interval
     linger = f" --linger={cfg.broker.sync_linger:g}" if cfg.broker.sync_linger > 0 else ""
+    brokers = " --brokers" if cfg.broker.sync_resident else ""
     head = f"{MARKER}\n# See docs/operations.md. Scope: {scope}; configuration: {conf}.\n"
     sync_path = f"""{head}
 [Unit]
@@ -119,7 +134,45 @@ WantedBy=paths.target
 SystemCallArchitectures=native
 LockPersonality=yes
 CapabilityBoundingSet=~{' '.join(DROPPED_CAPABILITIES)}"""
-    sync_service = f"""{head}
+    if cfg.broker.sync_resident:
+        sync_service = f"""{head}
+[Unit]
+Description=safespawn: the resident broker of channel %i
+# Set on purpose. A running broker serves every request itself: its path unit starting it again is
+# a no-op, not a start. So starts are rare (boot, a crash, the timer's re-arm), and a broker that
+# fails at once in a loop is stopped after {START_LIMIT_BURST} starts in {START_LIMIT_INTERVAL}; the
+# timer then serves the channel and re-arms it (`safespawn rearm`) every {interval}s.
+StartLimitIntervalSec={START_LIMIT_INTERVAL}
+StartLimitBurst={START_LIMIT_BURST}
+
+[Service]
+# READY=1 once it serves; a watchdog ping on every pass (at least once a second).
+Type=notify
+NotifyAccess=main
+Environment=SAFESPAWN_CONFIG={conf}
+# Serves the channel on inotify events, checks every second that its sidecars run as recorded (a
+# runtime restart's new pid goes into the pid files at once), reloads a changed configuration.
+# --quick: no listing while every sidecar runs as recorded; the timer's sync does the full passes.
+ExecStart={exe} watch --quick --channel %i
+# A killed broker loses nothing (the ledger and the inbox are on disk): it is started again.
+Restart=on-failure
+RestartSec={RESTART_SEC}
+# A sync that hangs (podman stuck past its own per-call timeouts) stops the pings and is killed.
+WatchdogSec={SYNC_TIMEOUT}
+# Sidecars are detached podman containers whose conmon may stay in this unit's cgroup: when the
+# broker stops, only it is stopped, never them.
+KillMode=process
+# Bounds on the broker and the runtime calls it runs (and on conmon where it stays here): see
+# docs/operations.md. TasksMax= keeps systemd's default: conmon processes may count against it.
+MemoryHigh={MEMORY_HIGH}
+MemoryMax={MEMORY_MAX}
+CPUQuota={CPU_QUOTA}
+CPUWeight={CPU_WEIGHT}
+SyslogIdentifier=safespawn-sync
+{hardening}
+"""
+    else:
+        sync_service = f"""{head}
 [Unit]
 Description=safespawn: serve the requests of channel %i
 # No start limit: the predecessor's oneshot failed after 5 starts in 10s and its path unit stopped
@@ -152,7 +205,7 @@ Type=oneshot
 Environment=SAFESPAWN_CONFIG={conf}
 # Restart the safespawn-sync@ path units systemd put in the failed state (trigger limit hit). A failure
 # here must not keep the sync below from running, hence '-'.
-ExecStartPre=-{exe} rearm --scope {scope}
+ExecStartPre=-{exe} rearm --scope {scope}{brokers}
 # --no-wait: a channel whose sync runs right now is being served already.
 ExecStart={exe} sync --all --no-wait
 SuccessExitStatus={int(ExitCode.LOCKED)}
@@ -251,10 +304,12 @@ class Systemctl:
 # -- rearm -----------------------------------------------------------------------------------
 
 
-def rearm(scope: str) -> int:
+def rearm(scope: str, brokers: bool = False) -> int:
     """Restart the safespawn-sync@ path units systemd put in the failed state.
 
-    Only failed ones: a path unit an operator stopped on purpose stays stopped.
+    Only failed ones: a path unit an operator stopped on purpose stays stopped. With `brokers`
+    (resident brokers, broker.sync_resident): also start the broker of every watching path unit
+    that has none running (at boot, or after systemd stopped a crash loop: start-limit-hit).
     """
     sc = Systemctl(scope)
     failed = sc.list_units("safespawn-sync@*.path", state="failed")
@@ -262,7 +317,18 @@ def rearm(scope: str) -> int:
     for unit in failed:
         log.warning("re-arming %s: systemd had stopped it (%s)", unit, states.get(unit, {}).get("Result", "?"))
         sc.run("reset-failed", "--", unit, check=False)
+        # Its broker too, so that the path unit can start it again (start-limit-hit).
+        sc.run("reset-failed", "--", unit.removesuffix(".path") + ".service", check=False)
         sc.run("start", "--", unit)
     if not failed:
         log.debug("no failed safespawn-sync@ path unit")
+    if brokers:
+        watching = sc.list_units("safespawn-sync@*.path", state="active")
+        services = [u.removesuffix(".path") + ".service" for u in watching]
+        for unit, st in sc.show(services, ("ActiveState", "Result")).items():
+            if st.get("ActiveState") in ("inactive", "failed"):
+                log.info("starting %s (%s, %s)", unit, st.get("ActiveState"), st.get("Result", "?"))
+                if st.get("ActiveState") == "failed":
+                    sc.run("reset-failed", "--", unit, check=False)
+                sc.run("start", "--no-block", "--", unit)
     return ExitCode.OK

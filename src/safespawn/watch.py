@@ -15,6 +15,16 @@ Nothing is lost to a missed event: the inotify queue holds what arrives during a
 whose inbox is still not empty after its sync (the per-run limit) is synced again at once, and a
 watch that could not be placed (inbox/new replaced by the agent: the next sync lays it out again)
 is placed again on the next pass.
+
+Once a second (`PULSE`) it also looks, through /proc only, whether every desired sidecar still runs
+as recorded; a channel where one does not (podman's restart policy gave it a new process, or it
+died) gets a quick sync at once, which records the new process and makes its pid files true again.
+
+The installed systemd units run it as each channel's resident broker (`safespawn watch --quick
+--channel CH`, Type=notify): `--quick` leaves the full passes to the reconcile timer, systemd hears
+READY=1, a watchdog ping every pass and a STATUS line, and a changed configuration file (or profile)
+is loaded on the next pulse; one that does not load is refused and the broker keeps serving with
+the one it has, saying so in its log.
 """
 
 from __future__ import annotations
@@ -26,13 +36,18 @@ import logging
 import os
 import select
 import signal
+import socket
 import struct
 import threading
 import time
+from collections.abc import Callable, Iterable
 from types import FrameType
 
+from . import pidsignal
+from .config import load_config
 from .engine import Engine
 from .inbox import ChannelDir, create_channel_dirs
+from .state import ChannelState
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +67,8 @@ EVENT = struct.Struct("iIII")  # wd, mask, cookie, len (then len bytes of name)
 AGAIN_PAUSE = 0.05
 # Longest wait without an event: watches that could not be placed are retried this often.
 MAX_WAIT = 1.0
+# How often the recorded sidecar processes are checked (and the configuration file looked at).
+PULSE = 1.0
 
 
 def _has_pending(path: str) -> bool:
@@ -119,18 +136,123 @@ class Inotify:
         os.close(self.fd)
 
 
-def lay_out(engine: Engine) -> None:
-    """Create (or fix) every configured channel's directories, as `install` does."""
+def lay_out(engine: Engine, names: Iterable[str] | None = None) -> None:
+    """Create (or fix) the configured channels' directories (all, or those named), as `install` does."""
     cfg = engine.config
     for ch in sorted(cfg.channels.values(), key=lambda c: c.name):
+        if names is not None and ch.name not in names:
+            continue
         changed = create_channel_dirs(ChannelDir.path_of(cfg.broker.channels_dir, ch.name), ch.agent_uid,
                                       ch.agent_gid)
         for path in changed:
             log.info("laid out %s", path)
 
 
+class Systemd:
+    """sd_notify(3) for Type=notify: READY=1, WATCHDOG=1, STATUS=... to $NOTIFY_SOCKET, if set.
+
+    The variables are taken out of the environment: podman, inheriting NOTIFY_SOCKET, would hand the
+    socket to the sidecar and wait for it to report ready."""
+
+    def __init__(self) -> None:
+        addr = os.environ.pop("NOTIFY_SOCKET", "")
+        for var in ("WATCHDOG_USEC", "WATCHDOG_PID"):
+            os.environ.pop(var, None)
+        self.addr = "\0" + addr[1:] if addr.startswith("@") else addr
+
+    def notify(self, message: str) -> None:
+        if not self.addr:
+            return
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+                sock.sendto(message.encode("utf-8", "replace"), self.addr)
+        except OSError as e:
+            log.debug("sd_notify: %s", e)
+
+
+def runs_as_recorded(engine: Engine, name: str) -> bool:
+    """The pulse's check of a channel, through /proc only (no runtime call, no lock): does every
+    desired sidecar still run as its record says? False when one was replaced or died (the quick
+    sync that follows lists, records the new process and rewrites its pid files), when a respawn
+    is due, or when its netns is gone."""
+    b = engine.config.broker
+    st = ChannelState.of(b.state_dir, name)
+    try:
+        st.load_desired()  # parsed again only when it changed (state.py)
+    except (OSError, ValueError):
+        return False
+    now = time.time()
+    for d in st.desired.values():
+        ident = d.identity
+        if ident is None:
+            if d.failures and now >= d.next_retry:
+                return False
+            continue
+        # The start time alone (one read of /proc/PID/stat): the same pid starting again within the
+        # same clock tick is not a case to pay a second read per sidecar per second for; a signal
+        # checks the full identity (and the cgroup) at delivery anyway.
+        if pidsignal.start_ticks(ident.pid) != ident.start_ticks:
+            return False
+        if d.netns is not None and not os.path.lexists(os.path.join(str(b.netns_dir), d.netns)):
+            return False
+    return True
+
+
+class ConfigFollower:
+    """A resident broker's configuration: loaded again when its file or a profile in profiles_dir
+    changed. A configuration that does not load (or no longer names the channels served) is refused
+    with an error in the log, and the broker keeps serving with the one it has."""
+
+    def __init__(self, engine: Engine, explicit: str | None, names: Iterable[str], make: Callable[..., Engine]) -> None:
+        self.explicit, self.names, self.make = explicit, set(names), make
+        self.seen = self._signature(engine)
+
+    @staticmethod
+    def _signature(engine: Engine) -> tuple[tuple[str, int, int, int], ...]:
+        cfg = engine.config
+        paths = [str(cfg.path)] if cfg.path else []
+        try:
+            with os.scandir(cfg.broker.profiles_dir) as it:
+                paths += sorted(e.path for e in it if e.name.endswith(".toml"))
+        except OSError:
+            pass
+        sig = []
+        for p in paths:
+            try:
+                st = os.stat(p)
+                sig.append((p, st.st_mtime_ns, st.st_size, st.st_ino))
+            except OSError:
+                sig.append((p, 0, 0, 0))
+        return tuple(sig)
+
+    def __call__(self, engine: Engine) -> Engine | None:
+        """A new engine when the configuration changed and loads; None otherwise."""
+        sig = self._signature(engine)
+        if sig == self.seen:
+            return None
+        self.seen = sig
+        try:
+            cfg = load_config(self.explicit)
+            missing = sorted(self.names - set(cfg.channels))
+            if missing:
+                raise ValueError(f"channel(s) {', '.join(missing)} no longer configured")
+            new = self.make(cfg)  # the policy loads and validates every profile here
+        except Exception as e:  # any error: keep serving with the configuration that works
+            log.error("configuration %s changed but is refused (%s): still serving with the previous one; "
+                      "`safespawn check-config` says more", engine.config.path, e)
+            return None
+        self.seen = self._signature(new)
+        log.info("configuration %s changed: reloaded", cfg.path)
+        return new
+
+
 def watch(engine: Engine, interval: float = 0.05, reconcile_interval: float | None = None,
-          stop: threading.Event | None = None, use_inotify: bool = True) -> None:
+          stop: threading.Event | None = None, use_inotify: bool = True, channels: Iterable[str] | None = None,
+          quick: bool = False, reload: Callable[[Engine], Engine | None] | None = None) -> None:
+    """Serve the configured channels (all, or `channels`) until SIGTERM/SIGINT or `stop`.
+
+    `quick`: every sync trusts the recorded processes, and there is no full pass (the reconcile
+    timer's job). `reload(engine)`: asked every pulse for a new engine (a changed configuration)."""
     stop = stop or threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -140,23 +262,30 @@ def watch(engine: Engine, interval: float = 0.05, reconcile_interval: float | No
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
+    systemd = Systemd()
     cfg = engine.config
-    lay_out(engine)
+    names = sorted(cfg.channels) if channels is None else sorted(set(channels))
+    for n in names:
+        cfg.channel(n)  # ConfigError for a channel that is not configured
+    lay_out(engine, names)
     every = float(reconcile_interval or cfg.broker.reconcile_interval)
-    inboxes = {name: ChannelDir.inbox_new_of(cfg.broker.channels_dir, name) for name in cfg.channels}
+    inboxes = {name: ChannelDir.inbox_new_of(cfg.broker.channels_dir, name) for name in names}
     notify: Inotify | None = None
     if use_inotify:
         try:
             notify = Inotify()
         except (OSError, AttributeError) as e:  # no inotify in this kernel or libc
             log.warning("inotify is not available (%s): polling every %gs", e, interval)
-    log.info("watching %d channel(s) %s: %s", len(inboxes), "on inotify events" if notify else "by polling",
-             ", ".join(sorted(inboxes)))
+    log.info("watching %d channel(s) %s%s: %s", len(inboxes), "on inotify events" if notify else "by polling",
+             " (quick syncs only)" if quick else "", ", ".join(sorted(inboxes)))
+    systemd.notify("READY=1\nSTATUS=serving " + ", ".join(names))
     wds: dict[int, str] = {}
-    next_full = 0.0
+    next_full = float("inf") if quick else 0.0
+    next_pulse = time.monotonic() + PULSE
     due = set(inboxes)  # channels to sync in this pass
     try:
         while not stop.is_set():
+            systemd.notify("WATCHDOG=1")
             full = time.monotonic() >= next_full
             if full:
                 due = set(inboxes)
@@ -169,14 +298,25 @@ def watch(engine: Engine, interval: float = 0.05, reconcile_interval: float | No
                 synced.add(name)
             if full:
                 next_full = time.monotonic() + every
-            # Still waiting after its sync (the per-run limit, or arrived meanwhile): again, after a
-            # short pause (an inbox the sync cannot empty must not spin the loop).
-            due = {n for n in synced if _has_pending(inboxes[n])}
+            stale: set[str] = set()
+            now = time.monotonic()
+            if now >= next_pulse:
+                next_pulse = now + PULSE
+                renewed = reload(engine) if reload is not None else None
+                if renewed is not None:
+                    engine = renewed
+                    systemd.notify("STATUS=serving " + ", ".join(names) + " (configuration reloaded)")
+                # A runtime restart (or a death) seen within a second, not at the next full pass.
+                stale = {n for n in inboxes if not runs_as_recorded(engine, n)}
+            # Still waiting after its sync (the per-run limit, or arrived meanwhile), or a sidecar
+            # that no longer runs as recorded: again, after a short pause (an inbox the sync
+            # cannot empty must not spin the loop).
+            due = {n for n in synced if _has_pending(inboxes[n])} | stale
             if due:
                 stop.wait(min(interval, AGAIN_PAUSE))
                 continue
             if notify is None:
-                stop.wait(interval)
+                stop.wait(min(interval, max(0.0, next_pulse - time.monotonic())))
                 due = {n for n in inboxes if _has_pending(inboxes[n])}
                 continue
             unwatched, fresh = _place(notify, inboxes, wds)
@@ -185,7 +325,8 @@ def watch(engine: Engine, interval: float = 0.05, reconcile_interval: float | No
             if due:
                 continue
             # A channel whose inbox could not be watched is looked at by polling meanwhile.
-            wait = min(max(0.0, next_full - time.monotonic()), interval if unwatched else MAX_WAIT)
+            wait = min(max(0.0, next_full - time.monotonic()), max(0.0, next_pulse - time.monotonic()),
+                       interval if unwatched else MAX_WAIT)
             events = notify.wait(wait)
             if events is None:
                 due = set(inboxes)  # the queue overflowed: look everywhere
@@ -201,6 +342,7 @@ def watch(engine: Engine, interval: float = 0.05, reconcile_interval: float | No
     finally:
         if notify is not None:
             notify.close()
+        systemd.notify("STOPPING=1")
     log.info("watch stopped")
 
 

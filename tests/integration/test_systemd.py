@@ -29,7 +29,7 @@ from support.usersystemd import SAFESPAWN, UserManager, count_lines, wait_until,
 
 from safespawn import client
 from safespawn.config import load_config
-from safespawn.units import SCOPES, render_units
+from safespawn.units import SCOPES, START_LIMIT_BURST, render_units
 
 SYNC = "safespawn-sync@.service"
 RECONCILE = "safespawn-reconcile.service"
@@ -150,9 +150,10 @@ def test_a_request_written_while_the_sync_runs_is_served(make_host: Any, tmp_pat
                        f'if [ "$1" = ps ] && [ -e {flag} ]; then : > {in_ps}; sleep 2; rm -f {in_ps}; fi\n'
                        f'exec {shutil.which("podman")} "$@"\n')
     wrapper.chmod(0o755)
-    h: Host = make_host(podman=str(wrapper))
-    # The plain full sync, whose reconcile step lists (the installed `--quick --linger` run lists
-    # nothing while its sidecars verify, and would serve the late requests itself while it lingers).
+    # The oneshot units (broker.sync_resident = false), running the plain full sync, whose reconcile
+    # step lists (a `--quick --linger` run lists nothing while its sidecars verify, and would serve
+    # the late requests itself while it lingers; a resident broker serves them all itself).
+    h: Host = make_host(podman=str(wrapper), sync_resident=False)
     h.m.drop_in(SYNC, "full-sync", f"[Service]\nExecStart=\nExecStart={SAFESPAWN} sync %i\n")
     h.install(timer=False)
     flag.touch()
@@ -268,9 +269,10 @@ def test_a_failed_path_unit_is_rearmed_by_the_timer_and_pending_requests_are_ser
     """With the installed limits, hammering inbox/trigger cannot fail the path unit: systemd counts
     activations, and drops its watches while the sync runs. A drop-in lowers the limit so that the
     same hammering forces the failure (what a sync failing at once in a loop does with the real
-    limits); the timer must then re-arm the unit and serve what waited meanwhile. The syncs do not
-    linger here: a run that lingers 2 s keeps the activations too few for any limit."""
-    h: Host = make_host(reconcile_interval=3, sync_linger=0)
+    limits); the timer must then re-arm the unit and serve what waited meanwhile. The oneshot units
+    (broker.sync_resident = false), not lingering: a run that lingers 2 s, or a resident broker,
+    keeps the activations too few for any limit."""
+    h: Host = make_host(reconcile_interval=3, sync_linger=0, sync_resident=False)
     h.install()
     trigger = h.b.channel_dir() / "inbox" / "trigger"
     touches = _hammer(trigger, 3.0)
@@ -341,20 +343,139 @@ def test_install_is_idempotent_and_uninstall_leaves_sidecars_unless_asked(make_h
     assert again.strip() == "safespawn uninstall: nothing to change", again
 
 
-def test_the_trigger_limit_stops_a_sync_that_fails_at_once(host: Host) -> None:
-    """What the installed trigger limit is for: a run that fails at once (here: the executable
-    replaced by /bin/false) while a request waits makes the level-triggered path unit start it in a
-    tight loop; systemd stops that loop within seconds, and `rearm` (the timer's first step) brings
-    the unit back once the cause is fixed, serving what waited."""
-    host.m.systemctl("stop", "safespawn-reconcile.timer")
+@pytest.mark.parametrize("resident", [True, False], ids=["resident-broker", "oneshot"])
+def test_the_start_limits_stop_a_broker_that_fails_at_once(make_host: Any, resident: bool) -> None:
+    """What the installed limits are for: a broker that fails at once (here: the executable
+    replaced by /bin/false) while a request waits. The resident broker's unit restarts it, the
+    oneshot's level-triggered path unit starts it again: either way a tight loop, which systemd
+    stops within seconds (the broker's start limit; the oneshot's trigger limit). `rearm` (the
+    timer's first step) brings the units back once the cause is fixed, serving what waited."""
+    host: Host = make_host(sync_resident=resident)
+    host.install(timer=False)
     broken = host.m.drop_in(SYNC, "test-broken", "[Service]\nExecStart=\nExecStart=/bin/false\n")
     host.m.systemctl("daemon-reload")
+    host.m.systemctl("stop", host.service)  # the resident broker runs since install
     rid = host.b.write(client.start_request("sleeper", ["--key=waiting"]))
-    wait_until(lambda: _state(host)["Result"] == "trigger-limit-hit", timeout=30, what="the trigger limit")
+    limit = "unit-start-limit-hit" if resident else "trigger-limit-hit"
+    wait_until(lambda: _state(host)["Result"] == limit, timeout=40, what="the limit")
     assert _state(host)["ActiveState"] == "failed" and host.b.reply(rid) is None
+    if resident:
+        # Stopped by the start limit: at most StartLimitBurst starts (the path unit's own start
+        # of the failed broker is what systemd refused).
+        st = host.m.show(host.service, "ActiveState", "NRestarts")
+        assert st["ActiveState"] == "failed" and int(st["NRestarts"]) <= START_LIMIT_BURST, st
 
     broken.unlink()
     host.m.systemctl("daemon-reload")
-    host.m.safespawn("rearm", "--scope", "user")
+    host.m.safespawn("rearm", "--scope", "user", *(["--brokers"] if resident else []))
     wait_until(lambda: host.b.reply(rid), timeout=30, what="the waiting request's reply")
     assert host.b.reply(rid)["ok"] and _state(host)["ActiveState"] == "active"  # type: ignore[index]
+    if resident:
+        wait_until(lambda: host.m.show(host.service, "ActiveState")["ActiveState"] == "active", timeout=10,
+                   what="the broker running again")
+
+
+# -- the resident broker ---------------------------------------------------------------------------
+
+PIDSLEEPER = """\
+name = "pidsleeper"
+description = "test-only: a sleeping sidecar whose pid file the host keeps; one per --key"
+command = ["/bin/sh", "-c", "exec sleep 100000", "pidsleeper"]
+capabilities = []
+netns = "forbidden"
+key_from = "--key"
+signals = ["HUP", "TERM", "KILL"]
+stop_grace = 0
+tmpfs = ["/run"]
+
+[pid_files]
+"--pid-file" = "main"
+
+[args]
+"--key" = { type = "regex", pattern = "[a-z0-9]{1,32}" }
+"--pid-file" = { type = "path" }
+"""
+
+
+def _broker(h: Host) -> dict[str, str]:
+    return h.m.show(h.service, "ActiveState", "SubState", "MainPID", "InvocationID", "NRestarts")
+
+
+def test_sporadic_requests_are_served_by_the_resident_broker_without_new_activations(host: Host) -> None:
+    """Requests 3.5 s apart (longer than the oneshot's linger): the broker install started serves
+    each one itself; systemd starts nothing."""
+    wait_until(lambda: _broker(host)["SubState"] == "running", timeout=10, what="the resident broker")
+    before = _broker(host)
+    latencies = []
+    for i in range(4):
+        time.sleep(3.5)
+        t0 = time.monotonic()
+        assert host.submit(f"sporadic{i}")["ok"]
+        latencies.append(time.monotonic() - t0)
+    assert _broker(host) == before  # same process, same invocation, no restart
+    assert len(host.running()) == 4
+    assert handled(host.sync_log, host.ch) == 4 and host.reconciles() == 0
+    print(f"\nsporadic starts through the resident broker: {', '.join(f'{x:.3f}s' for x in latencies)}")
+
+
+def test_a_broker_killed_mid_burst_loses_nothing_and_is_started_again(host: Host) -> None:
+    """kill -9 of the resident broker while 20 clients wait: systemd starts it again, every request
+    gets exactly one reply, every sidecar runs once."""
+    wait_until(lambda: _broker(host)["SubState"] == "running", timeout=10, what="the resident broker")
+    first = _broker(host)
+    n = 20
+    replies: dict[int, dict[str, Any]] = {}
+    threads = [threading.Thread(target=lambda i=i: replies.update({i: host.submit(f"kill{i}", timeout=90)}))
+               for i in range(n)]
+    for th in threads:
+        th.start()
+    wait_until(lambda: replies or len(host.b.pending()) < n, timeout=30, interval=0.01, what="the broker at work")
+    os.kill(int(first["MainPID"]), 9)
+    for th in threads:
+        th.join(timeout=120)
+    assert sorted(replies) == list(range(n)) and all(r["ok"] for r in replies.values()), replies
+    after = _broker(host)
+    assert after["SubState"] == "running" and after["MainPID"] != first["MainPID"] and after["NRestarts"] == "1"
+    reply_files = os.listdir(host.b.channel_dir() / "outbox" / "replies")
+    assert sorted(reply_files) == sorted(f"{r['id']}.json" for r in replies.values())
+    ledger = [json.loads(line) for line in (host.b.root / "state" / host.ch / "ledger.jsonl").read_text().splitlines()]
+    done = Counter(e["id"] for e in ledger if e["s"] == "done")
+    assert set(done) == {r["id"] for r in replies.values()} and set(done.values()) == {1}
+    running = host.running()
+    assert len(running) == n and len({c["Names"][0] for c in running}) == n
+    assert {c["Pid"] for c in running} == {r["pid"] for r in replies.values()}
+
+
+def test_pid_files_are_true_within_2s_of_a_runtime_restart(make_host: Any) -> None:
+    """Issue 19's real-host finding: after `kill -9` of a sidecar's program, podman's restart policy
+    runs it again with a new pid; the pid file Neutron reads must name it within 2 s (it used to
+    wait for the timer's next full sync). Only the resident broker runs here (no timer)."""
+    h: Host = make_host(profiles=("pidsleeper",), extra_channel='data_dirs = ["{data}"]\n')
+    (h.b.root / "profiles" / "pidsleeper.toml").write_text(PIDSLEEPER)
+    data = h.b.root / "data"
+    (data / "k").mkdir(parents=True)
+    cfg = h.b.config_path.read_text().replace("{data}", str(data))
+    h.b.config_path.write_text(cfg)
+    h.install(timer=False)
+    pid_file = data / "k" / "pid"
+    r = client.submit(str(h.b.channel_dir()), client.start_request("pidsleeper", ["--key=k", f"--pid-file={pid_file}"]),
+                      timeout=60)
+    assert r["ok"], r
+    assert pid_file.read_text() == f"{r['pid']}\n"
+    broker = _broker(h)
+    for round_ in range(2):
+        old = int(pid_file.read_text())
+        os.kill(old, 9)
+
+        def new_pid() -> int:
+            rows = [c for c in h.b.containers() if c["State"] == "running"]
+            return int(rows[0]["Pid"]) if len(rows) == 1 and int(rows[0]["Pid"]) not in (0, old) else 0
+
+        pid = wait_until(new_pid, timeout=30, interval=0.02, what="the sidecar running again")
+        t_running = time.monotonic()
+        wait_until(lambda: pid_file.read_text() == f"{pid}\n", timeout=10, interval=0.02,
+                   what=f"the pid file naming {pid}")
+        lag = time.monotonic() - t_running
+        print(f"\nround {round_}: pid file true {lag:.2f}s after the sidecar ran again")
+        assert lag <= 2.0
+    assert _broker(h) == broker  # the resident broker did it; systemd started nothing

@@ -12,6 +12,7 @@ it recorded, and its runtime dir is removed.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -132,7 +133,9 @@ tmpfs = []
 """
 
 def write_config(root: Path, *, reconcile_interval: int = 60, podman: str = "podman",
-                 max_sidecars: int = 256, sync_linger: float | None = None) -> Broker:
+                 max_sidecars: int = 256, sync_linger: float | None = None,
+                 sync_resident: bool | None = None, profiles: tuple[str, ...] = ("sleeper",),
+                 extra_channel: str = "") -> Broker:
     """A host config with one sleeper channel; nothing is created on disk but the config itself."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "profiles").mkdir(exist_ok=True)
@@ -142,7 +145,8 @@ def write_config(root: Path, *, reconcile_interval: int = 60, podman: str = "pod
     cfg.write_text(f'[broker]\nchannels_dir = "{root}/channels"\nstate_dir = "{root}/state"\n'
                    f'profiles_dir = "{root}/profiles"\nreconcile_interval = {reconcile_interval}\n'
                    f'podman = "{podman}"\n'
-                   + (f"sync_linger = {sync_linger}\n" if sync_linger is not None else "") + "\n"
-                   f'[channels.{channel}]\nimage = "{TEST_IMAGE}"\nprofiles = ["sleeper"]\n'
-                   f'max_sidecars = {max_sidecars}\n')
+                   + (f"sync_linger = {sync_linger}\n" if sync_linger is not None else "")
+                   + (f"sync_resident = {str(sync_resident).lower()}\n" if sync_resident is not None else "") + "\n"
+                   f'[channels.{channel}]\nimage = "{TEST_IMAGE}"\nprofiles = {json.dumps(list(profiles))}\n'
+                   f'max_sidecars = {max_sidecars}\n{extra_channel}')
     return Broker(root, channel, cfg, root / "data")

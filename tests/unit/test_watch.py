@@ -98,3 +98,64 @@ def test_watch_drains_a_backlog_beyond_the_per_run_limit(tmp_path: Path) -> None
         time.sleep(0.3)
         rids = [host.write(host.start(f"k{i}")) for i in range(7)]
         wait_for(lambda: all(host.reply(r) is not None for r in rids), 10)
+
+
+def _config(tmp_path: Path, image: str) -> Path:
+    p = tmp_path / "safespawn.toml"
+    p.write_text(f'[broker]\nchannels_dir = "{tmp_path}/channels"\nstate_dir = "{tmp_path}/state"\n'
+                 f'profiles_dir = "{tmp_path}/profiles"\n\n[channels.ch]\nimage = "{image}"\nprofiles = ["dnsmasq"]\n')
+    return p
+
+
+def test_a_resident_broker_reloads_a_changed_configuration_and_refuses_one_that_does_not_load(
+        tmp_path: Path) -> None:
+    from safespawn.config import load_config
+    from safespawn.engine import Engine
+    from safespawn.watch import ConfigFollower
+
+    from support.fake_runtime import FakeRuntime
+
+    def make(cfg):  # type: ignore[no-untyped-def]
+        return Engine(cfg, runtime=FakeRuntime())
+
+    path = _config(tmp_path, "localhost/x:1")
+    engine = make(load_config(str(path)))
+    follow = ConfigFollower(engine, str(path), ["ch"], make)
+    assert follow(engine) is None  # nothing changed
+
+    _config(tmp_path, "localhost/x:2")
+    os.utime(path, ns=(1, 1))  # a different mtime even within the clock's resolution
+    renewed = follow(engine)
+    assert renewed is not None and renewed.config.channel("ch").image == "localhost/x:2"
+    assert follow(renewed) is None
+
+    path.write_text(path.read_text() + "\n[broker2]\n")  # does not load: refused, the old one stays
+    assert follow(renewed) is None
+    path.write_text(path.read_text().replace("[broker2]\n", "").replace("[channels.ch]", "[channels.other]"))
+    assert follow(renewed) is None  # the channel served is gone: refused too
+    # A profile override in profiles_dir is part of the configuration.
+    path.write_text(path.read_text().replace("[channels.other]", "[channels.ch]"))
+    assert follow(renewed) is not None
+    (tmp_path / "profiles").mkdir()
+    (tmp_path / "profiles" / "dnsmasq.toml").write_text("name = 'dnsmasq'\nbroken = [\n")
+    assert follow(renewed) is None  # a profile that does not parse is refused
+
+
+def test_watch_tells_systemd_it_is_ready_and_pings_the_watchdog_and_hides_the_socket_from_podman(
+        tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import socket
+
+    sock_path = str(tmp_path / "notify")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(sock_path)
+    sock.settimeout(5)
+    monkeypatch.setenv("NOTIFY_SOCKET", sock_path)
+    monkeypatch.setenv("WATCHDOG_USEC", "900000000")
+    host = Host(tmp_path)
+    seen: list[str] = []
+    with watching(host, interval=60, reconcile_interval=3600, quick=True):
+        while not any(m.startswith("WATCHDOG=1") for m in seen):
+            seen.append(sock.recv(4096).decode())
+        assert "NOTIFY_SOCKET" not in os.environ and "WATCHDOG_USEC" not in os.environ
+    assert seen[0].startswith("READY=1\nSTATUS=serving ch")
+    sock.close()
