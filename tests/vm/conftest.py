@@ -32,6 +32,8 @@ CHANNELS: list[dict[str, Any]] = [
      "max_sidecars": 16},
     {"name": "vm-reboot", "image": IMAGE, "profiles": ["dnsmasq"], "data_dirs": [str(VMTEST / "reboot")],
      "max_sidecars": 16},
+    {"name": "vm-class", "image": IMAGE, "profiles": ["dnsmasq"], "data_dirs": [str(VMTEST / "class")],
+     "max_sidecars": 16},
 ]
 
 

@@ -14,7 +14,6 @@ every sidecar ran again.
 from __future__ import annotations
 
 import json
-import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
