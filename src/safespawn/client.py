@@ -98,25 +98,47 @@ def current_netns(netns_dir: str = NETNS_DIR) -> Optional[str]:
     return None
 
 
+def _open_dir(name: str, dir_fd: Optional[int] = None) -> int:
+    return os.open(name, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_NOFOLLOW", 0), dir_fd=dir_fd)
+
+
 def _write_request(channel_dir: str, request: Dict[str, Any]) -> str:
     rid = request["id"]
     data = json.dumps(request, separators=(",", ":")).encode("utf-8")
-    tmp = os.path.join(channel_dir, "inbox", "tmp", rid)
-    new = os.path.join(channel_dir, "inbox", "new", rid + ".json")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    # Every step goes through directory fds opened without following links: the agent owns inbox/,
+    # so when root runs this on the host (`safespawn submit`), a symlink planted in place of
+    # inbox/tmp or inbox/new must not send root's write or rename anywhere else.
+    inbox = _open_dir(os.path.join(channel_dir, "inbox"))
     try:
-        view = memoryview(data)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
-        os.fsync(fd)
+        tmp_dir = _open_dir("tmp", inbox)
+        try:
+            new_dir = _open_dir("new", inbox)
+            try:
+                fd = os.open(rid, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644,
+                             dir_fd=tmp_dir)
+                try:
+                    view = memoryview(data)
+                    while view:
+                        n = os.write(fd, view)
+                        view = view[n:]
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                # The rename is the commit point: the host never sees a half-written request.
+                os.rename(rid, rid + ".json", src_dir_fd=tmp_dir, dst_dir_fd=new_dir)
+            finally:
+                os.close(new_dir)
+        finally:
+            os.close(tmp_dir)
+        _touch_trigger(inbox)
     finally:
-        os.close(fd)
-    # The rename is the commit point: the host never sees a half-written request.
-    os.rename(tmp, new)
+        os.close(inbox)
+    return os.path.join(channel_dir, "inbox", "new", rid + ".json")
+
+
+def _touch_trigger(inbox: int) -> None:
     try:
-        trigger = os.path.join(channel_dir, "inbox", "trigger")
-        tfd = os.open(trigger, os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        tfd = os.open("trigger", os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644, dir_fd=inbox)
         try:
             os.write(tfd, b"")
             os.utime(tfd)
@@ -124,7 +146,6 @@ def _write_request(channel_dir: str, request: Dict[str, Any]) -> str:
             os.close(tfd)
     except OSError:
         pass  # the trigger only speeds things up; the level-triggered watch and the timer still drain
-    return new
 
 
 def _read_reply(path: str, rid: str) -> Optional[Dict[str, Any]]:

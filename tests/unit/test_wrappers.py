@@ -259,3 +259,21 @@ def test_the_haproxy_wrapper_names_the_configs_pidfile_on_the_command_line(tmp_p
     assert client.haproxy_pid_file_args(["-f", str(tmp_path / "missing")]) == ["-f", str(tmp_path / "missing")]
     cfg.write_text("global\n    daemon\n")
     assert client.haproxy_pid_file_args(["-f", str(cfg)]) == ["-f", str(cfg)]
+
+
+@pytest.mark.parametrize("swapped", ["inbox/tmp", "inbox/new"])
+def test_a_symlinked_inbox_folder_never_makes_the_client_write_elsewhere(tmp_path, swapped):
+    """`safespawn submit` runs the client as root on the host: the agent owns inbox/, so it can put a
+    symlink in place of inbox/tmp or inbox/new; the client must refuse, not write or rename there."""
+    from safespawn import client
+
+    ch = tmp_path / "ch"
+    for d in ("inbox/tmp", "inbox/new", "outbox/replies"):
+        (ch / d).mkdir(parents=True)
+    victim = tmp_path / "etc"
+    victim.mkdir()
+    os.rename(ch / swapped, tmp_path / "moved")
+    os.symlink(victim, ch / swapped)
+    with pytest.raises(OSError):
+        client._write_request(str(ch), client.start_request("dnsmasq", ["--no-hosts"]))
+    assert list(victim.iterdir()) == []
