@@ -54,7 +54,9 @@ def haproxy_with_lua(d: Path, lua: str) -> list[str]:
     d.mkdir(parents=True, exist_ok=True)
     (d / "attack.lua").write_text(lua)
     (d / "haproxy.cfg").write_text(
-        f"global\n    maxconn 64\n    lua-load {d}/attack.lua\n"
+        # insecure-fork-wanted: haproxy >= 2.2 forbids forking (RLIMIT_NPROC 0, which binds a non-root
+        # sidecar) unless its config asks; the agent writes the config, so an attacker asks.
+        f"global\n    maxconn 64\n    insecure-fork-wanted\n    lua-load {d}/attack.lua\n"
         "defaults\n    mode http\n    timeout connect 5s\n    timeout client 5s\n    timeout server 5s\n"
         "listen listener\n    bind 127.0.0.1:80\n    http-request return status 200\n")
     return ["-f", str(d / "haproxy.cfg")]
