@@ -30,7 +30,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 from .audit import AuditLog
@@ -92,34 +92,49 @@ def write_pid_file(path: str, pid: int, data_dirs: Sequence[str]) -> None:
     """Make `path` hold `pid`, replacing whatever entry is there; raises PidFileRefused or OSError."""
     if pid <= 0:
         raise ValueError("a pid file holds a positive pid")
+
+    def fill(fd: int) -> None:
+        os.fchmod(fd, 0o644)  # Neutron reads it as the agent's user
+        write_all(fd, f"{pid}\n".encode())
+        os.fsync(fd)
+
     with _final_dir(path, data_dirs) as (dfd, name):
-        try:
-            st: os.stat_result | None = os.stat(name, dir_fd=dfd, follow_symlinks=False)
-        except FileNotFoundError:
-            st = None
         # DENY: a directory at the path; rename would fail on it, and the program could not use it either.
-        if st is not None and stat.S_ISDIR(st.st_mode):
-            raise PidFileRefused(f"{path[:120]!r} is a directory")
-        tmp = f".{name[:64]}.safespawn-{os.urandom(6).hex()}"
-        # O_EXCL|O_NOFOLLOW: a fresh inode of our own, whatever was planted under a guessed name.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
-                     dir_fd=dfd)
-        try:
-            os.fchmod(fd, 0o644)  # Neutron reads it as the agent's user
-            write_all(fd, f"{pid}\n".encode())
-            os.fsync(fd)
+        _entry_not_a_directory(dfd, name, path)
+        _replace_by_rename(dfd, name, fill)
+
+
+def _entry_not_a_directory(dfd: int, name: str, path: str) -> os.stat_result | None:
+    """lstat of `name` in `dfd` (None when absent); a directory there is refused."""
+    try:
+        st: os.stat_result | None = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+    except FileNotFoundError:
+        st = None
+    if st is not None and stat.S_ISDIR(st.st_mode):
+        raise PidFileRefused(f"{path[:120]!r} is a directory")
+    return st
+
+
+def _replace_by_rename(dfd: int, name: str, fill: Callable[[int], None]) -> None:
+    """Put a fresh file of our own at `name` in `dfd`: made under a random name, given its content
+    and owner by `fill`, then renamed over the entry. rename replaces whatever is there (symlink,
+    FIFO, hard link, file) without opening it."""
+    tmp = f".{name[:64]}.safespawn-{os.urandom(6).hex()}"
+    # O_EXCL|O_NOFOLLOW: a fresh inode of our own, whatever was planted under a guessed name.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=dfd)
+    try:
+        fill(fd)
+        os.close(fd)
+        fd = -1
+        os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+    except BaseException:
+        if fd >= 0:
             os.close(fd)
-            fd = -1
-            # rename replaces the entry (symlink, FIFO, hard link, file) without opening it.
-            os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
-        except BaseException:
-            if fd >= 0:
-                os.close(fd)
-            try:
-                os.unlink(tmp, dir_fd=dfd)
-            except OSError:
-                pass
-            raise
+        try:
+            os.unlink(tmp, dir_fd=dfd)
+        except OSError:
+            pass
+        raise
 
 
 def hand_over_file(path: str, uid: int, gid: int, data_dirs: Sequence[str]) -> str:
@@ -138,13 +153,8 @@ def hand_over_file(path: str, uid: int, gid: int, data_dirs: Sequence[str]) -> s
         raise ValueError("a uid and gid to hand the file to")
     with _final_dir(path, data_dirs) as (dfd, name):
         dev = os.fstat(dfd).st_dev
-        try:
-            st: os.stat_result | None = os.stat(name, dir_fd=dfd, follow_symlinks=False)
-        except FileNotFoundError:
-            st = None
         # DENY: a directory at the path; the program cannot write it as a file either.
-        if st is not None and stat.S_ISDIR(st.st_mode):
-            raise PidFileRefused(f"{path[:120]!r} is a directory")
+        st = _entry_not_a_directory(dfd, name, path)
         if st is not None and stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_dev == dev:
             try:
                 fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC,
@@ -165,22 +175,11 @@ def hand_over_file(path: str, uid: int, gid: int, data_dirs: Sequence[str]) -> s
                 finally:
                     os.close(fd)
         # ALLOW: replace whatever else is there with a fresh file of our own, by rename.
-        tmp = f".{name[:64]}.safespawn-{os.urandom(6).hex()}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=dfd)
-        try:
+        def own(fd: int) -> None:
             os.fchown(fd, uid, gid)
             os.fchmod(fd, 0o644)
-            os.close(fd)
-            fd = -1
-            os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
-        except BaseException:
-            if fd >= 0:
-                os.close(fd)
-            try:
-                os.unlink(tmp, dir_fd=dfd)
-            except OSError:
-                pass
-            raise
+
+        _replace_by_rename(dfd, name, own)
         return "created"
 
 
