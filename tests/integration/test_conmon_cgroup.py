@@ -26,7 +26,9 @@ SYNC = "safespawn-sync@.service"
 
 @pytest.fixture
 def unit_host(tmp_path: Path, test_image: str) -> Iterator[tuple[UserManager, Broker]]:
-    b = write_config(tmp_path, sync_linger=4)
+    # The oneshot units (sync_resident = false), lingering 4 s: what ends after a run is what this
+    # test looks at; the resident broker's cgroup is checked on the systemd host (tests/vm/test_wrapper.py).
+    b = write_config(tmp_path, sync_linger=4, sync_resident=False)
     m = UserManager.start(tmp_path)
     try:
         m.log_to(SYNC, tmp_path / "sync.log")
