@@ -363,6 +363,10 @@ def uninstall(cfg: Config, *, scope: str | None, unit_dir: Path | None, stop_sid
                             "removes both")
 
     # 4. directories install created, children first; host-private state only with the sidecars.
+    # The cgroup manager note is a cache of the host's facts, not a channel's state: it goes either way.
+    cache = b.state_dir / CGROUP_HOST_CACHE
+    if os.path.lexists(cache) and report.change(f"remove {cache}"):
+        _remove_quiet(cache)
     remaining: list[str] = []
     for d in reversed(manifest.dirs):
         p = Path(d)
@@ -395,7 +399,7 @@ CGROUP_HOST_CACHE = "cgroup-host.json"  # budget.cached_detect's note, remade on
 
 
 def _only_manifest(p: Path) -> bool:
-    return {e.name for e in os.scandir(p)} - {CGROUP_HOST_CACHE} == {MANIFEST}
+    return {e.name for e in os.scandir(p)} <= {MANIFEST, CGROUP_HOST_CACHE}
 
 
 def _remove_quiet(p: Path) -> None:
