@@ -499,6 +499,11 @@ def test_a_symlinked_inbox_new_does_not_make_the_watcher_loop(b, host):
         assert_serves_via_client(b)
         before = len(b.audit())
         new = b.channel_dir() / "inbox" / "new"
+        # The broker writes the reply before it removes the request (crash safety), so the
+        # client may see its reply a moment before new/ is empty.
+        deadline = time.monotonic() + 10
+        while any(new.iterdir()) and time.monotonic() < deadline:
+            time.sleep(0.01)
         new.rmdir()
         new.symlink_to(host.sub)
         time.sleep(2)
