@@ -378,7 +378,11 @@ def test_a_crash_looping_sidecar_costs_bounded_cpu_and_stays_in_backoff(tmp_path
     assert len(respawns) <= 2 + window / 8, respawns
     assert all(b >= a - 1 for a, b in zip(gaps, gaps[1:])), gaps
     assert d["next_retry"] - d.get("since", 0) > 0 and d["failures"] < 9
-    # Bounded: under half a CPU over the window, the sidecar's own runs (podman's restarts and its
-    # cleanup processes included, all inside the channel's budget) and the broker's podman calls
-    # (this test's full pass every second included) together; noisy under other load.
-    assert sidecar_cpu + broker_cpu <= 0.5 * window, (sidecar_cpu, broker_cpu)
+    # Bounded, each side on its own (noisy under other load, so with a margin): the sidecar's runs
+    # (podman's restarts and its cleanup processes included, all inside the channel's budget) under
+    # 0.4 of a CPU over the loop's densest first seconds (each run costs about half a CPU-second
+    # here: a loop without backoff, a respawn at every pass and podman's 3 restarts after each,
+    # would need about two CPUs); the broker under
+    # 0.4 CPU-seconds per full pass (`podman ps` is most of it), this test's pass every second included.
+    assert sidecar_cpu <= 0.4 * window, (sidecar_cpu, broker_cpu)
+    assert broker_cpu <= 0.4 * window, (sidecar_cpu, broker_cpu)

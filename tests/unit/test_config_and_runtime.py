@@ -64,6 +64,8 @@ def test_nothing_from_the_request_goes_before_the_image_except_checked_fused_val
     # Every host-side option is one token: a value can never become an option of its own.
     assert all(a.startswith("--") for a in before[2:]) and before[:2] == ["podman", "run"]
     assert "--entrypoint=[\"dnsmasq\", \"-k\"]" in before
+    # The container log is a size-capped file whatever the host's default driver (journald ignores it).
+    assert "--log-driver=k8s-file" in before and "--log-opt=max-size=1mb" in before
 
 
 @pytest.mark.parametrize("cmdline,netns,argv", [

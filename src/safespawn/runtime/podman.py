@@ -72,6 +72,9 @@ def run_argv(spec: SidecarSpec, podman: str = "podman", pidfile: str | None = No
     argv += limit_args(spec, cgroup_parent)
     argv += [
         f"--restart=on-failure:{spec.restart_retries}",
+        # k8s-file, named: podman's default is the host's choice (journald on Debian 13 and RHEL),
+        # and journald ignores max-size, so a sidecar's stdout would grow the host's journal.
+        "--log-driver=k8s-file",
         "--log-opt=max-size=1mb",
         "--stop-signal=TERM",
         f"--stop-timeout={spec.stop_grace}",
