@@ -86,12 +86,12 @@ def sh(argv: list[str], timeout: float = 120) -> str:
 
 
 class Bench:
-    def __init__(self, root: Path, parallel_starts: int) -> None:
+    def __init__(self, root: Path, parallel_starts: int, max_sidecars: int = 1000) -> None:
         self.root = root
         self.namespaces: list[str] = []
         self.b = Broker.make(root, profiles=["dnsmasq"], image=TEST_IMAGE,
                              broker_extra=f"parallel_starts = {parallel_starts}",
-                             extra="max_sidecars = 1000\nmax_requests_per_run = 2000")
+                             extra=f"max_sidecars = {max_sidecars}\nmax_requests_per_run = {2 * max_sidecars}")
         self.label = f"safespawn.bench={self.b.channel}"
         # Wrapper mode: the generated wrappers and kill scripts, run as processes by the agent's
         # interpreter, without a bytecode cache (the directory is read-only in the agent).
@@ -236,14 +236,16 @@ def cli_env(bench: Bench) -> dict[str, str]:
 
 def timed_cli(bench: Bench, *args: str) -> tuple[float, int]:
     """Wall time and peak RSS (KiB) of one `safespawn ...` process."""
-    t0 = time.monotonic()
-    p = subprocess.Popen([str(SAFESPAWN), *args], env=cli_env(bench), stdout=subprocess.DEVNULL,
-                         stderr=subprocess.PIPE)
-    _, status, ru = os.wait4(p.pid, 0)
-    wall = time.monotonic() - t0
-    p.returncode = os.waitstatus_to_exitcode(status)
-    err = p.stderr.read().decode() if p.stderr else ""
-    assert p.returncode == 0, err
+    # stderr into a file, not a pipe: nobody reads a pipe during wait4, and a recovery of 1,000
+    # sidecars logs more than a pipe holds (the sync then blocks on its own log line).
+    with tempfile.TemporaryFile() as err:
+        t0 = time.monotonic()
+        p = subprocess.Popen([str(SAFESPAWN), *args], env=cli_env(bench), stdout=subprocess.DEVNULL, stderr=err)
+        _, status, ru = os.wait4(p.pid, 0)
+        wall = time.monotonic() - t0
+        p.returncode = os.waitstatus_to_exitcode(status)
+        err.seek(0)
+        assert p.returncode == 0, err.read().decode(errors="replace")[-4000:]
     return wall, ru.ru_maxrss
 
 
@@ -540,7 +542,8 @@ def main() -> int:
                     help="sporadic: then the same with the oneshot units (sync_resident = false)")
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="safespawn-bench-np-"))
-    bench = Bench(root, PARALLEL)
+    # Room for the scale run's sidecars and the request sent during its recovery.
+    bench = Bench(root, PARALLEL, max_sidecars=max(1000, args.scale + 8))
     try:
         print(f"load average at the start: {load()}")
         if args.mode == "watch":
