@@ -1,6 +1,4 @@
-"""NOT YET RUN (work in progress, not collected: rename to test_quadlet.py once it has passed in the VM).
-
-The ProcessManager class on a real host: Neutron 29's own code in an agent container run as an
+"""The ProcessManager class on a real host: Neutron 29's own code in an agent container run as an
 EDPM-shaped Quadlet unit.
 
 The agent container (`/etc/containers/systemd/vmtest-neutron-agent.container`, turned into
