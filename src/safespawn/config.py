@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .budget import ChannelBudget, host_cpus, host_memory, parse_size
+from .broker.budget import ChannelBudget, host_cpus, host_memory, parse_size
 from .errors import ConfigError
 
 DEFAULT_CONFIG = "/etc/safespawn/safespawn.toml"

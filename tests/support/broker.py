@@ -22,10 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from safespawn import budget, client
+from safespawn.agent import client
+from safespawn.broker import budget
+from safespawn.broker.engine import Engine
+from safespawn.broker.inbox import create_channel_dirs
 from safespawn.config import load_config
-from safespawn.engine import Engine
-from safespawn.inbox import create_channel_dirs
 
 if TYPE_CHECKING:
     from support.dockerd import PrivateDockerd
@@ -35,7 +36,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def remove_budget_cgroups(channel: str) -> None:
-    """The channel's budget cgroups (safespawn.budget), once its containers are gone: bottom-up."""
+    """The channel's budget cgroups (safespawn.broker.budget), once its containers are gone: bottom-up."""
     global _CGROUP_HOST
     if _CGROUP_HOST is None:
         try:

@@ -7,9 +7,9 @@ import json
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from safespawn.broker.metrics import ChannelMetrics, Outcome, SyncObservation, render, update
 from safespawn.config import parse_config
 from safespawn.errors import ConfigError
-from safespawn.metrics import ChannelMetrics, Outcome, SyncObservation, render, update
 
 
 def test_histogram_buckets_are_cumulative_and_count_every_observation():

@@ -1,4 +1,4 @@
-"""The agent-side status reader of safespawn's ProcessManager class (safespawn.neutron_pm), without Neutron.
+"""The agent-side status reader of safespawn's ProcessManager class (safespawn.agent.neutron_pm), without Neutron.
 
 The status is host-written, but the class must treat it as untrusted: whatever sits at
 outbox/status.json, `active` answers quickly with "not active" (StatusError inside) and never blocks.
@@ -19,8 +19,9 @@ from typing import Any
 import pytest
 from support.vermin import VERMIN
 
-from safespawn import launcher, neutron_pm, wrappers
-from safespawn.neutron_pm import ChannelStatus, StatusError, netns_candidates, parse_status, profile_for
+from safespawn.agent import launcher, neutron_pm
+from safespawn.agent.neutron_pm import ChannelStatus, StatusError, netns_candidates, parse_status, profile_for
+from safespawn.ops import wrappers
 
 NOW = 1_800_000_000.0
 SRC = Path(neutron_pm.__file__).parent

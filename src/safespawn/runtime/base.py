@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from ..sidecar import Container, SidecarSpec
+from ..broker.sidecar import Container, SidecarSpec
 
 __all__ = ["Container", "Runtime"]
 

@@ -20,11 +20,11 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from .. import budget
+from ..broker import budget
+from ..broker.sidecar import LABEL_CHANNEL, SidecarSpec
 from ..errors import RuntimeFailed
-from ..ociruntime import ENV_NETNS, ENV_PROFILE
-from ..sidecar import LABEL_CHANNEL, SidecarSpec
 from .base import Container
+from .ociruntime import ENV_NETNS, ENV_PROFILE
 from .podman import limit_args
 
 log = logging.getLogger(__name__)

@@ -13,10 +13,10 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from .. import budget
+from ..broker import budget
+from ..broker.pidfiles import read_pid_file
+from ..broker.sidecar import LABEL_CHANNEL, SidecarSpec
 from ..errors import RuntimeFailed
-from ..pidfiles import read_pid_file
-from ..sidecar import LABEL_CHANNEL, SidecarSpec
 from . import conmon
 from .base import Container
 

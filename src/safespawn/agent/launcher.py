@@ -58,7 +58,7 @@ def render_launcher(channel: str, channel_dir: str, python: str) -> str:
 
 def launcher_files(channel: str, channel_dir: str, python: str) -> dict[str, tuple[str, int]]:
     """name (relative to the wrappers dir) -> (text, mode) of the launcher, its hook and the class."""
-    pkg = resources.files("safespawn")
+    pkg = resources.files("safespawn.agent")
     return {
         f"{CLASS_MODULE}.py": (pkg.joinpath("neutron_pm.py").read_text(), 0o644),
         f"{HOOK_DIR}/sitecustomize.py": (pkg.joinpath("neutron_hook.py").read_text(), 0o644),

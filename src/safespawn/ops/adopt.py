@@ -44,13 +44,13 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from . import client
-from .config import ChannelConfig, Config
-from .errors import RuntimeFailed, SafespawnError
-from .files import atomic_write, open_dir, write_all
-from .policy import Policy
-from .request import Request
-from .sidecar import LABEL_CHANNEL
+from ..agent import client
+from ..broker.files import atomic_write, open_dir, write_all
+from ..broker.policy import Policy
+from ..broker.request import Request
+from ..broker.sidecar import LABEL_CHANNEL
+from ..config import ChannelConfig, Config
+from ..errors import RuntimeFailed, SafespawnError
 
 log = logging.getLogger(__name__)
 
@@ -497,8 +497,8 @@ def _adopt_lock(path: str) -> Any:
 
 def adopt_command(cfg: Config, channel: ChannelConfig, source: str, dry_run: bool, as_json: bool) -> int:
     """`safespawn adopt`: run (or plan) the adoption and print its result; returns the exit code."""
-    from .engine import Engine
-    from .errors import ExitCode
+    from ..broker.engine import Engine
+    from ..errors import ExitCode
 
     adoption = Adoption(cfg, channel, Engine(cfg), flavor=source)
     try:

@@ -22,9 +22,9 @@ import os
 from importlib import resources
 from pathlib import Path
 
-from .files import atomic_write, open_dir
-from .inbox import ChannelDir
-from .launcher import HOOK_DIR, launcher_files
+from ..agent.launcher import HOOK_DIR, launcher_files
+from ..broker.files import atomic_write, open_dir
+from ..broker.inbox import ChannelDir
 
 CLIENT_MODULE = "safespawn_client"
 # The program names Neutron 29 executes, and the profile each one asks for.
@@ -65,7 +65,7 @@ if __name__ == "__main__":
 
 
 def client_source() -> str:
-    return resources.files("safespawn").joinpath("client.py").read_text()
+    return resources.files("safespawn.agent").joinpath("client.py").read_text()
 
 
 def render_wrapper(profile: str, channel: str, channel_dir: str, python: str = DEFAULT_PYTHON) -> str:

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import RuntimeFailed
+from ..errors import RuntimeFailed
 
 log = logging.getLogger(__name__)
 

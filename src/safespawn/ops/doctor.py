@@ -19,7 +19,7 @@ from typing import Any
 
 from ..config import Config
 from ..errors import RuntimeFailed
-from .docker import DockerRuntime
+from ..runtime.docker import DockerRuntime
 
 # Names for the probe netns: the first that fits a configured profile's pattern is used.
 PROBE_PREFIXES = ("qdhcp", "qrouter", "snat", "ovnmeta", "fip", "qlbaas")
@@ -46,7 +46,7 @@ def static_checks(cfg: Config) -> list[Check]:
 
 def _probe_profile(cfg: Config) -> tuple[str, str] | None:
     """(profile, netns name) for the probe: a configured profile and a fresh name its pattern accepts."""
-    from ..policy import load_profile
+    from ..broker.policy import load_profile
 
     for ch in cfg.channels.values():
         for pname in ch.profiles:

@@ -43,27 +43,16 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from ..config import ChannelConfig, Config
+from ..errors import BadRequest, ChannelUnsafe, ErrorCode, RuntimeFailed, SafespawnError
+from ..runtime import Container, Runtime, make_runtime
 from . import metrics, pidsignal, rollout
 from .audit import AuditLog
-from .config import ChannelConfig, Config
-from .errors import BadRequest, ChannelUnsafe, ErrorCode, RuntimeFailed, SafespawnError
 from .inbox import ChannelDir, Entry
 from .pidfiles import PidFileKeeper
-from .policy import (
-    ChannelView,
-    Decision,
-    IdVerdict,
-    Policy,
-    Remove,
-    Signal,
-    Start,
-    Stop,
-    flood_excess,
-    judge_id,
-)
+from .policy import ChannelView, Decision, IdVerdict, Policy, Remove, Signal, Start, Stop, flood_excess, judge_id
 from .readiness import written_since
 from .request import Reply, Request, parse_request
-from .runtime import Container, Runtime, make_runtime
 from .sidecar import LABEL_CHANNEL, LABEL_KEY, LABEL_NETNS, LABEL_PROFILE, LABEL_SPEC, SidecarSpec, sidecar_key
 from .state import ChannelState, Claim, DesiredSidecar, Done
 

@@ -1,0 +1,12 @@
+"""The agent side: code that runs inside the untrusted agent container.
+
+Python 3.9+ and the standard library only (neutron_pm.py also imports Neutron's own packages, which
+the agent image has, once Neutron asks for the class). Nothing here imports the host side: `safespawn
+wrappers install` copies these files into the agent's wrappers directory on their own, where no other
+part of safespawn exists. tests/unit/test_boundary.py holds the line.
+
+    client.py        requests and replies over a channel; the wrappers' and kill scripts' entry points
+    neutron_pm.py    Neutron's ProcessManager over the channel (copied as safespawn_neutron.py)
+    neutron_hook.py  the sitecustomize that swaps that class in
+    launcher.py      the scripts' templates (safespawn-neutron) and the files `wrappers install` copies
+"""
