@@ -46,7 +46,7 @@ MAY_IMPORT = {
     "config": {"broker/budget", "errors"},
     "broker": {"broker", "runtime", "config", "errors"},
     "runtime": {"runtime", "broker/sidecar", "broker/budget", "broker/pidfiles", "broker/policy", "config", "errors"},
-    "ops": {"ops", "broker", "runtime", "agent/client", "agent/launcher", "config", "errors"},
+    "ops": {"ops", "broker", "runtime", "agent/client", "agent/scripts", "config", "errors"},
     "cli": {"agent/client", "broker", "runtime", "ops", "config", "errors"},
     "__init__": {"agent/client", "broker", "runtime", "config", "errors"},
 }
@@ -60,7 +60,7 @@ HOST_USES_AGENT = {
     ("__init__", "agent/client"): "the facade re-exports NoBroker, which the client raises",
     ("cli", "agent/client"): "`safespawn submit` is a client of a channel",
     ("ops/adopt", "agent/client"): "adopt submits start requests through the channel, as a client",
-    ("ops/wrappers", "agent/launcher"): "`wrappers install` ships the launcher, its hook and the class",
+    ("ops/wrappers", "agent/scripts"): "`wrappers install` ships the agent side: the scripts, the client, the class and its hook",
 }
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from support.vermin import VERMIN
 
-from safespawn.agent import launcher, neutron_pm
+from safespawn.agent import neutron_pm, scripts
 from safespawn.agent.neutron_pm import ChannelStatus, StatusError, netns_candidates, parse_status, profile_for
 from safespawn.ops import wrappers
 
@@ -236,7 +236,7 @@ def test_the_launcher_runs_the_command_with_the_hook_first_and_the_channel_set(t
     env = dict(os.environ, PYTHONPATH="/elsewhere")
     out = subprocess.run([str(tmp_path / "safespawn-neutron"), "env"], capture_output=True, text=True, env=env,
                          timeout=30, check=True).stdout.splitlines()
-    assert f"PYTHONPATH={tmp_path / launcher.HOOK_DIR}:/elsewhere" in out
+    assert f"PYTHONPATH={tmp_path / scripts.HOOK_DIR}:/elsewhere" in out
     assert "SAFESPAWN_CHANNEL_DIR=/srv/ch" in out
     bad = subprocess.run([str(tmp_path / "safespawn-neutron"), str(tmp_path / "nope")], capture_output=True,
                          text=True, timeout=30)

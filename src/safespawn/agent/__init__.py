@@ -8,5 +8,5 @@ part of safespawn exists. tests/unit/test_boundary.py holds the line.
     client.py        requests and replies over a channel; the wrappers' and kill scripts' entry points
     neutron_pm.py    Neutron's ProcessManager over the channel (copied as safespawn_neutron.py)
     neutron_hook.py  the sitecustomize that swaps that class in
-    launcher.py      the scripts' templates (safespawn-neutron) and the files `wrappers install` copies
+    scripts.py       the wrapper, kill-script and launcher templates, and the files `wrappers install` copies
 """
