@@ -279,7 +279,7 @@ def test_a_netns_swapped_for_the_hosts_after_the_policy_check_is_refused_at_crea
 
     cfg = load_config(str(broker.config_path))
     d = make_runtime(cfg.broker)
-    broker._engine = Engine(cfg, runtime=SwapToHostNetns(d.docker, d.env["DOCKER_HOST"], d.oci_runtime))
+    broker._engine = Engine(cfg, runtime=SwapToHostNetns(d.cli.argv0, d.cli.env["DOCKER_HOST"], d.oci_runtime))
     try:
         r = broker.request(client.start_request("dnsmasq", dnsmasq_argv(broker.data_dir, pair),
                                                 netns=pair.server_ns))

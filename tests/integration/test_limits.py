@@ -26,6 +26,8 @@ from support.broker import Broker
 from safespawn.agent import client
 from safespawn.broker import budget
 from safespawn.broker.policy import load_profile
+from safespawn.runtime.command import RuntimeCli
+from safespawn.runtime.podman import cgroup_host_of
 
 pytestmark = pytest.mark.usefixtures("require_v1_cgroupfs")
 HOST = budget.CgroupHost("cgroupfs", 1)
@@ -34,7 +36,7 @@ HAPROXY = load_profile("haproxy", None)
 
 @pytest.fixture(scope="module")
 def require_v1_cgroupfs() -> None:
-    h = budget.detect()
+    h = cgroup_host_of(RuntimeCli("podman", "podman"))
     if (h.manager, h.version) != ("cgroupfs", 1):
         pytest.skip(f"these read cgroup v1 files; podman here is {h.manager} v{h.version} (tests/vm/ covers v2)")
 

@@ -27,6 +27,8 @@ from safespawn.broker import budget
 from safespawn.broker.engine import Engine
 from safespawn.broker.inbox import create_channel_dirs
 from safespawn.config import load_config
+from safespawn.runtime.command import RuntimeCli
+from safespawn.runtime.podman import cgroup_host_of
 
 if TYPE_CHECKING:
     from support.dockerd import PrivateDockerd
@@ -40,7 +42,7 @@ def remove_budget_cgroups(channel: str) -> None:
     global _CGROUP_HOST
     if _CGROUP_HOST is None:
         try:
-            _CGROUP_HOST = budget.detect()
+            _CGROUP_HOST = cgroup_host_of(RuntimeCli("podman", "podman"))
         except Exception:
             return
     deadline = time.monotonic() + 5

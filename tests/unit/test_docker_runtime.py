@@ -74,7 +74,7 @@ def test_a_sidecar_without_a_netns_carries_no_netns_value():
 def test_the_runtime_setting_picks_the_runtime_in_one_place():
     d = make_runtime(parse_config(CFG).broker)
     assert isinstance(d, DockerRuntime)
-    assert d.docker == "/usr/bin/docker" and d.env["DOCKER_HOST"] == "unix:///run/d/docker.sock"
+    assert d.cli.argv0 == "/usr/bin/docker" and d.cli.env["DOCKER_HOST"] == "unix:///run/d/docker.sock"
     assert d.oci_runtime == "safespawn"
     assert isinstance(make_runtime(parse_config({}).broker), PodmanRuntime)  # the default
 

@@ -291,20 +291,19 @@ def test_systemd_on_cgroup_v1_sets_memorylimit_and_reads_the_v1_hierarchies(tmp_
     assert budget.locate("c", tmp_path) == host
 
 
-def test_podmans_cgroup_manager_is_asked_once_and_remembered_until_podman_or_its_config_changes(tmp_path, monkeypatch):
+def test_podmans_cgroup_manager_is_asked_once_and_remembered_until_podman_or_its_config_changes(tmp_path):
     calls = []
 
-    def detect(podman, timeout=30):
-        calls.append(podman)
+    def detect():
+        calls.append(1)
         return CgroupHost("systemd", 2)
 
-    monkeypatch.setattr(budget, "detect", detect)
     fake = tmp_path / "podman"
     fake.write_text("#!/bin/sh\n")
-    assert budget.cached_detect(str(fake), str(tmp_path / "state")) == CgroupHost("systemd", 2)
-    assert budget.cached_detect(str(fake), str(tmp_path / "state")) == CgroupHost("systemd", 2)
+    assert budget.cached_detect(str(fake), str(tmp_path / "state"), detect) == CgroupHost("systemd", 2)
+    assert budget.cached_detect(str(fake), str(tmp_path / "state"), detect) == CgroupHost("systemd", 2)
     assert len(calls) == 1
     assert oct((tmp_path / "state" / "cgroup-host.json").stat().st_mode & 0o777) == "0o600"
     fake.write_text("#!/bin/sh\n# upgraded\n")
-    budget.cached_detect(str(fake), str(tmp_path / "state"))
+    budget.cached_detect(str(fake), str(tmp_path / "state"), detect)
     assert len(calls) == 2

@@ -14,9 +14,9 @@
 
 `Container` (what a runtime reports) and `SidecarSpec` (what it runs) live in sidecar.py.
 `PodmanRuntime` (podman.py) and `DockerRuntime` (docker.py, with the OCI runtime in ociruntime.py)
-are peers behind it; `make_runtime` picks the engine's from `[broker] runtime`. (adopt.py's `Cli`
-and checks.py choose which CLI to call on their own.) tests/unit/test_public_surface.py pins the
-method set.
+are peers behind it; `make_runtime` picks the engine's from `[broker] runtime`. Every call of the
+podman or docker CLI, theirs and those of ops/adopt.py and ops/doctor.py, goes through one runner,
+`RuntimeCli` (command.py). tests/unit/test_public_surface.py pins the method set.
 
 Every name here is imported on first use (PEP 562), as in the package's own __init__: dockerd execs
 ociruntime.py, which lives here, for every runc call of a Docker sidecar, and importing it must not
