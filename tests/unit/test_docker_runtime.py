@@ -13,7 +13,8 @@ from safespawn.broker.request import Request
 from safespawn.config import parse_config
 from safespawn.errors import ConfigError
 from safespawn.runtime import DockerRuntime, PodmanRuntime, make_runtime
-from safespawn.runtime.docker import _unix_time, run_argv
+from safespawn.runtime.base import unix_seconds
+from safespawn.runtime.docker import run_argv
 from safespawn.runtime.ociruntime import Refused, parse_runc_argv, rewrite
 
 CFG = {
@@ -92,8 +93,10 @@ def test_invalid_docker_settings_are_refused_with_the_key_named(broker, why):
 
 
 def test_dockers_nanosecond_times_become_unix_seconds():
-    assert _unix_time("2026-12-01T19:21:21.273282123Z") == 1796152881
-    assert _unix_time("0001-01-01T00:00:00Z") == 0 and _unix_time(None) == 0 and _unix_time("garbage") == 0
+    assert unix_seconds("2026-12-01T19:21:21.273282123Z") == 1796152881
+    assert unix_seconds("0001-01-01T00:00:00Z") == 0 and unix_seconds(None) == 0 and unix_seconds("garbage") == 0
+    # podman's inspect times, with an offset, are read by the same function
+    assert unix_seconds("2026-12-01T20:21:21.5+01:00") == 1796152881
 
 
 @pytest.mark.parametrize("argv,want", [

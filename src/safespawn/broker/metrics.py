@@ -57,7 +57,7 @@ STATE_FILE = "metrics.json"
 
 
 @dataclass(frozen=True)
-class Outcome:
+class ReplyObservation:
     """One answered inbox entry, as the engine saw it."""
 
     op: str  # start | signal | stop | unknown (not parsed)
@@ -153,7 +153,7 @@ class SyncObservation:
     ok: bool
     duration: float
     finished: float
-    outcomes: tuple[Outcome, ...] = ()
+    replies: tuple[ReplyObservation, ...] = ()
     respawns: int = 0
     respawn_failures: int = 0
     runtime_restarts: int = 0
@@ -163,7 +163,7 @@ class SyncObservation:
 
 
 def update(m: ChannelMetrics, obs: SyncObservation) -> None:
-    for o in obs.outcomes:
+    for o in obs.replies:
         key = f"{o.op}|{o.decision}|{o.code}"
         m.requests[key] = m.requests.get(key, 0) + 1
         if o.latency is not None:

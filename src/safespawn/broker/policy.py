@@ -816,7 +816,9 @@ class Policy:
             os.close(open_netns(self.netns_dir, netns, self.host_ns))
         return os.path.join(self.netns_dir, netns)
 
-    def sidecar_key(self, profile: Profile, netns: str | None, seen: dict[str, list[str]]) -> str:
+    def key_for(self, profile: Profile, netns: str | None, seen: dict[str, list[str]]) -> str:
+        """The key a start's sidecar is named by (`sidecar.sidecar_name`): its netns, or a hash of the one
+        value of the profile's `key_from` option."""
         if netns is not None:
             return netns
         values = seen.get(profile.key_from)
@@ -862,7 +864,7 @@ class Policy:
                 raise PolicyDenied(f"{profile.netns_option} must be given once and name the sidecar's netns "
                                    f"({netns})")
         netns_path = self.check_netns(profile, netns, resolve)
-        key = self.sidecar_key(profile, netns, seen)
+        key = self.key_for(profile, netns, seen)
         uid, gid = sidecar_user(channel, profile)
         caps = profile.capabilities
         writable: tuple[str, ...] = ()

@@ -16,13 +16,12 @@ import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from datetime import datetime
 from typing import Any
 
 from ..broker import budget
 from ..broker.sidecar import LABEL_CHANNEL, SidecarSpec
 from ..errors import RuntimeFailed
-from .base import Container
+from .base import Container, unix_seconds
 from .command import RuntimeCli, docker_env
 from .ociruntime import ENV_NETNS, ENV_PROFILE
 from .podman import limit_args
@@ -76,16 +75,6 @@ def run_argv(spec: SidecarSpec, docker: str = "docker", oci_runtime: str = DEFAU
     return argv + list(spec.entrypoint[1:]) + list(spec.args)
 
 
-def _unix_time(value: Any) -> int:
-    """Docker's RFC 3339 time with nanoseconds ("2026-12-01T19:21:21.273282123Z") in unix seconds."""
-    if not isinstance(value, str) or not value or value.startswith("0001-"):
-        return 0
-    try:
-        return int(datetime.fromisoformat(value[:19] + "+00:00").timestamp())
-    except ValueError:
-        return 0
-
-
 def _container(r: dict[str, Any]) -> Container:
     st = r.get("State") or {}
     return Container(
@@ -94,7 +83,7 @@ def _container(r: dict[str, Any]) -> Container:
         state=str(st.get("Status", "")).lower(),
         pid=int(st.get("Pid") or 0),
         labels=dict((r.get("Config") or {}).get("Labels") or {}),
-        started=_unix_time(st.get("StartedAt")),
+        started=unix_seconds(st.get("StartedAt")),
         exit_code=int(st.get("ExitCode") or 0),
         restarts=int(r.get("RestartCount") or 0),
         image=str((r.get("Config") or {}).get("Image") or ""),

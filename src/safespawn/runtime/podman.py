@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import stat
 import time
 from collections.abc import Mapping, Sequence
-from datetime import datetime
 from typing import Any
 
 from ..broker import budget
@@ -17,7 +15,7 @@ from ..broker.pidfiles import read_pid_file
 from ..broker.sidecar import LABEL_CHANNEL, SidecarSpec
 from ..errors import RuntimeFailed
 from . import conmon
-from .base import Container
+from .base import Container, unix_seconds
 from .command import RuntimeCli
 
 log = logging.getLogger(__name__)
@@ -159,7 +157,7 @@ class PodmanRuntime:
                 labels=dict((r.get("Config") or {}).get("Labels") or {}),
                 exit_code=int(st.get("ExitCode") or 0),
                 restarts=int(r.get("RestartCount") or 0),
-                started=_unix_seconds(st.get("StartedAt")),
+                started=unix_seconds(st.get("StartedAt")),
             )
         return result
 
@@ -268,15 +266,3 @@ class PodmanRuntime:
         except RuntimeFailed:
             return ""
         return (p.stdout + p.stderr).strip()
-
-
-_RFC3339 = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.\d+)?(Z|[+-]\d\d:\d\d)")
-
-
-def _unix_seconds(value: Any) -> int:
-    """inspect's `2026-12-01T20:30:35.953119113Z` as the whole unix seconds `ps` prints; 0 if not that."""
-    m = _RFC3339.fullmatch(str(value or ""))
-    if m is None:
-        return 0
-    tz = "+00:00" if m[2] == "Z" else m[2]
-    return int(datetime.fromisoformat(m[1] + tz).timestamp())
