@@ -655,7 +655,7 @@ class Reconciler:
                         changed = True
                 continue
             if c is not None and c.running:
-                # Running, but its image or profile changed: rolled in batches (safespawn.rollout).
+                # Running, but its image or profile changed: rolled in batches (rollout.py).
                 self.pid_files.refresh(s.channel.data_dirs, audit, spec, c.pid)
                 outdated.append((d, spec, c))
                 continue

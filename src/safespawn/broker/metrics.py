@@ -25,7 +25,7 @@ What is exported (docs/operations.md has alert examples):
     safespawn_syncs_total{channel,result}                  counter; result = ok | failed
     safespawn_last_success_timestamp_seconds{channel}      gauge, unix time of the last good sync
     safespawn_budget_memory_bytes{channel}                 gauge, the channel's sidecars' memory now
-    safespawn_budget_memory_limit_bytes{channel}           gauge, its budget (safespawn.budget)
+    safespawn_budget_memory_limit_bytes{channel}           gauge, its budget (budget.py)
     safespawn_budget_tasks{channel}, _tasks_limit          gauges, processes and threads, and the budget
     safespawn_budget_cpu_seconds_total{channel}            counter, CPU time used (since the cgroup was made)
     safespawn_budget_cpu_throttled_seconds_total{channel}  counter, time held back by the CPU budget

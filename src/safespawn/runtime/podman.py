@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 
 def limit_args(spec: SidecarSpec, cgroup_parent: str | None) -> list[str]:
-    """The sidecar's own limits, and the channel's budget cgroup it goes under (safespawn.budget).
+    """The sidecar's own limits, and the channel's budget cgroup it goes under (broker/budget.py).
     `--memory-swap` equal to `--memory`: swap is no way around the memory limit. Docker takes the
     same options (runtime/docker.py)."""
     argv = [
