@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import pct  # noqa: E402
 from support.usersystemd import UserManager, wait_until, write_config  # noqa: E402
 
-from safespawn import client  # noqa: E402
+from safespawn.agent import client  # noqa: E402
 from safespawn.runtime.conmon import tracking_mounts  # noqa: E402
 
 

@@ -36,7 +36,7 @@ from integration.test_core import dnsmasq_argv  # noqa: E402
 from support.broker import TEST_IMAGE, Broker  # noqa: E402
 from support.netlab import NetnsPair  # noqa: E402
 
-from safespawn import client  # noqa: E402
+from safespawn.agent import client  # noqa: E402
 
 AGENT_SIDE = r"""
 import json, os, sys, time, warnings

@@ -32,10 +32,10 @@ from integration.test_core import dnsmasq_argv  # noqa: E402
 from support import netlab  # noqa: E402
 from support.broker import TEST_IMAGE, Broker  # noqa: E402
 
-from safespawn.adopt import Adoption  # noqa: E402
+from safespawn.broker.engine import Engine  # noqa: E402
+from safespawn.broker.request import Request  # noqa: E402
 from safespawn.config import load_config  # noqa: E402
-from safespawn.engine import Engine  # noqa: E402
-from safespawn.request import Request  # noqa: E402
+from safespawn.ops.adopt import Adoption  # noqa: E402
 from safespawn.runtime.podman import run_argv  # noqa: E402
 
 LABEL = "safespawn.bench=adopt"

@@ -33,7 +33,7 @@ from common import pct  # noqa: E402  (also puts tests/ on sys.path)
 from support.broker import TEST_IMAGE, Broker  # noqa: E402
 from support.dockerd import DOCKER, PrivateDockerd  # noqa: E402
 
-from safespawn import client  # noqa: E402
+from safespawn.agent import client  # noqa: E402
 from safespawn.runtime import docker as docker_rt  # noqa: E402
 from safespawn.runtime import podman as podman_rt  # noqa: E402
 
@@ -73,7 +73,7 @@ def main() -> int:
         reqs = [client.start_request("dnsmasq", argv(ns), netns=ns) for ns in namespaces]
         # The baseline: the same containers, the runtime alone, with the very command line the broker
         # uses (names suffixed so they do not clash, each run removed before the next).
-        from safespawn.request import Request
+        from safespawn.broker.request import Request
         pol = b.engine.policy
         ch = b.engine.config.channel(b.channel)
         specs = [pol.authorize_start(ch, Request(q["id"], "start", "dnsmasq", q["netns"], tuple(q["argv"])))

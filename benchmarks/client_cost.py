@@ -37,8 +37,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 from common import pct  # noqa: E402
 
-from safespawn.inbox import create_channel_dirs  # noqa: E402
-from safespawn.watch import Inotify  # noqa: E402
+from safespawn.broker.inbox import create_channel_dirs  # noqa: E402
+from safespawn.broker.watch import Inotify  # noqa: E402
 
 PY = "/usr/bin/python3"
 
@@ -142,10 +142,17 @@ def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="safespawn-bench-client-"))
     channel = root / "channel"
     create_channel_dirs(str(channel), os.getuid(), os.getgid())
-    sources = {"this tree": (REPO / "src" / "safespawn" / "client.py").read_text()}
+    sources = {"this tree": (REPO / "src" / "safespawn" / "agent" / "client.py").read_text()}
     if args.ref:
-        sources[args.ref] = subprocess.run(["git", "-C", str(REPO), "show", f"{args.ref}:src/safespawn/client.py"],
-                                           capture_output=True, text=True, check=True).stdout
+        # The client moved to agent/ with the layout by side of the trust boundary; older revisions have it on top.
+        for path in ("src/safespawn/agent/client.py", "src/safespawn/client.py"):
+            shown = subprocess.run(["git", "-C", str(REPO), "show", f"{args.ref}:{path}"], capture_output=True,
+                                   text=True)
+            if shown.returncode == 0:
+                sources[args.ref] = shown.stdout
+                break
+        else:
+            raise SystemExit(f"{args.ref} has no safespawn client")
     load_before = os.getloadavg()
     interp = process_cost([PY, "-c", "pass"], args.n)
     rows = []

@@ -65,8 +65,9 @@ from burst import pct  # noqa: E402
 from support.broker import TEST_IMAGE, Broker  # noqa: E402
 from support.usersystemd import SAFESPAWN, UserManager, wait_until  # noqa: E402
 
-from safespawn import client, wrappers  # noqa: E402
-from safespawn.request import Request  # noqa: E402
+from safespawn.agent import client  # noqa: E402
+from safespawn.broker.request import Request  # noqa: E402
+from safespawn.ops import wrappers  # noqa: E402
 from safespawn.runtime.podman import run_argv  # noqa: E402
 
 PARALLEL = 4  # Neutron's num_sync_threads default
@@ -466,7 +467,7 @@ def sporadic(bench: Bench, args: argparse.Namespace) -> None:
                       f"**{pct(lat[key], 50) / pct(lat[pod], 50):.2f}x** |")
             print(f"\nload average (1 min) during the rounds: {min(loads):.2f}-{max(loads):.2f}; at the end {load()}")
             print_segments(bench, spans)
-            from safespawn.watch import runs_as_recorded
+            from safespawn.broker.watch import runs_as_recorded
 
             checks = []
             for _ in range(50):

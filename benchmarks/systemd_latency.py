@@ -33,10 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import pct, podman_baseline, podman_rm  # noqa: E402
 from support.usersystemd import UserManager, count_lines, wait_until, write_config  # noqa: E402
 
-from safespawn import client  # noqa: E402
+from safespawn.agent import client  # noqa: E402
+from safespawn.broker.policy import Policy  # noqa: E402
+from safespawn.broker.request import Request  # noqa: E402
 from safespawn.config import load_config  # noqa: E402
-from safespawn.policy import Policy  # noqa: E402
-from safespawn.request import Request  # noqa: E402
 from safespawn.runtime.podman import run_argv  # noqa: E402
 
 

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import pct  # noqa: E402
 from support.broker import TEST_IMAGE, Broker  # noqa: E402
 
-from safespawn import client  # noqa: E402
+from safespawn.agent import client  # noqa: E402
 
 
 def cpu_seconds(pid: int) -> float:

@@ -14,9 +14,12 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .client import NoBroker
+    from .agent.client import NoBroker
+    from .broker.engine import Engine, SyncResult
+    from .broker.policy import Policy, Profile, load_profile
+    from .broker.request import Reply, Request, parse_request
+    from .broker.sidecar import SidecarSpec
     from .config import ChannelConfig, Config, load_config, parse_config
-    from .engine import Engine, SyncResult
     from .errors import (
         BadRequest,
         ChannelLocked,
@@ -32,22 +35,19 @@ if TYPE_CHECKING:
         RuntimeFailed,
         SafespawnError,
     )
-    from .policy import Policy, Profile, load_profile
-    from .request import Reply, Request, parse_request
     from .runtime import Container, PodmanRuntime, Runtime
-    from .sidecar import SidecarSpec
 
 _WHERE = {
-    "client": ("NoBroker",),  # the agent side's (client.py); errors.py draws it in the tree
+    "agent.client": ("NoBroker",),  # the agent side's (agent/client.py); errors.py draws it in the tree
     "config": ("ChannelConfig", "Config", "load_config", "parse_config"),
-    "engine": ("Engine", "SyncResult"),
+    "broker.engine": ("Engine", "SyncResult"),
     "errors": ("BadRequest", "ChannelLocked", "ChannelUnsafe", "ConfigError", "ErrorCode", "ExitCode",
                "InstallError", "Interrupted", "NotFound", "PolicyDenied", "QuotaExceeded",
                "RuntimeFailed", "SafespawnError"),
-    "policy": ("Policy", "Profile", "load_profile"),
-    "request": ("Reply", "Request", "parse_request"),
+    "broker.policy": ("Policy", "Profile", "load_profile"),
+    "broker.request": ("Reply", "Request", "parse_request"),
     "runtime": ("Container", "PodmanRuntime", "Runtime"),
-    "sidecar": ("SidecarSpec",),
+    "broker.sidecar": ("SidecarSpec",),
 }
 _MODULE_OF = {name: mod for mod, names in _WHERE.items() for name in names}
 

@@ -21,22 +21,22 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import client
-from .audit import read_recent
+from .agent import client
+from .broker.audit import read_recent
+from .broker.inbox import ChannelDir
+from .broker.state import ChannelState
 from .config import BrokerConfig, Config, config_path, load_config
 from .errors import ChannelLocked, ConfigError, ExitCode, InstallError
-from .inbox import ChannelDir
-from .state import ChannelState
 
 if TYPE_CHECKING:
-    from .engine import Engine
+    from .broker.engine import Engine
 
 log = logging.getLogger("safespawn")
 Handler = Callable[[argparse.Namespace], int]
 
 
 def _engine(cfg: Config) -> Engine:
-    from .engine import Engine
+    from .broker.engine import Engine
 
     return Engine(cfg)
 
@@ -91,7 +91,7 @@ def _linger(engine: Any, cfg: Config, names: list[str], seconds: float) -> None:
     that arrives after this returns finds a non-empty inbox/new and starts the next run."""
     import time
 
-    from .watch import Inotify, _has_pending
+    from .broker.watch import Inotify, _has_pending
 
     inboxes = {n: str(cfg.broker.channels_dir / n / "inbox" / "new") for n in names}
     notify: Inotify | None = None
@@ -128,7 +128,7 @@ def _linger(engine: Any, cfg: Config, names: list[str], seconds: float) -> None:
 
 
 def cmd_watch(args: argparse.Namespace, cfg: Config) -> int:
-    from .watch import ConfigFollower, watch
+    from .broker.watch import ConfigFollower, watch
 
     engine = _engine(cfg)
     names = args.channels or sorted(cfg.channels)
@@ -182,7 +182,7 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
 
 def _budget_status(cfg: Config, channel: str) -> dict[str, Any]:
     """The channel's budget as configured, and what its sidecars use against it now (from its cgroup)."""
-    from . import budget
+    from .broker import budget
 
     ch = cfg.channel(channel)
     u = budget.use_of(channel)
@@ -234,9 +234,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace, cfg: Config) -> int:
+    from .broker.policy import Policy, budget_warnings, confinement_warnings
     from .config import host_id_conflicts
-    from .policy import Policy, budget_warnings, confinement_warnings
-    from .runtime.checks import static_checks
+    from .ops.doctor import static_checks
 
     policy = Policy(cfg)  # loads and validates every profile the channels name
     for ch in cfg.channels.values():
@@ -310,7 +310,7 @@ def _print_checks(checks: list[Any]) -> int:
 
 
 def _doctor_checks(cfg: Config) -> list[Any]:
-    from .runtime.checks import Check, host_checks, live_checks
+    from .ops.doctor import Check, host_checks, live_checks
 
     out = [*live_checks(cfg), *host_checks(cfg)]
     for ch in cfg.channels.values():
@@ -337,8 +337,8 @@ def _doctor_checks(cfg: Config) -> list[Any]:
 
 
 def cmd_install(args: argparse.Namespace, cfg: Config) -> int:
-    from .install import install
-    from .units import default_executable, default_unit_dir
+    from .ops.install import install
+    from .ops.units import default_executable, default_unit_dir
 
     channels = args.channels or sorted(cfg.channels)
     if not channels:
@@ -350,20 +350,20 @@ def cmd_install(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def cmd_uninstall(args: argparse.Namespace, cfg: Config) -> int:
-    from .install import uninstall
+    from .ops.install import uninstall
 
     return uninstall(cfg, scope=args.scope, unit_dir=Path(args.unit_dir) if args.unit_dir else None,
                      stop_sidecars=args.stop_sidecars, dry_run=args.dry_run)
 
 
 def cmd_rearm(args: argparse.Namespace) -> int:
-    from .units import rearm
+    from .ops.units import rearm
 
     return rearm(args.scope, brokers=args.brokers)
 
 
 def cmd_wrappers_install(args: argparse.Namespace) -> int:
-    from . import wrappers
+    from .ops import wrappers
 
     channel_dir = args.channel_dir
     if channel_dir is None:
@@ -384,20 +384,20 @@ def cmd_wrappers_install(args: argparse.Namespace) -> int:
 
 
 def cmd_adopt(args: argparse.Namespace, cfg: Config) -> int:
-    from .adopt import adopt_command
+    from .ops.adopt import adopt_command
 
     return adopt_command(cfg, cfg.channel(args.channel), args.source, args.dry_run, args.json)
 
 
 def cmd_rollout(args: argparse.Namespace, cfg: Config) -> int:
-    from .rollout import rollout_command
+    from .broker.rollout import rollout_command
 
     return rollout_command(cfg, cfg.channel(args.channel), args.pause, args.resume)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .units import SCOPES
-    from .wrappers import DEFAULT_PYTHON
+    from .ops.units import SCOPES
+    from .ops.wrappers import DEFAULT_PYTHON
 
     p = argparse.ArgumentParser(prog="safespawn", description="Run allowlisted sidecar containers for "
                                 "less trusted containers, through a file channel.")

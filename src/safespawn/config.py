@@ -12,7 +12,7 @@ The host decides everything that matters; a request only chooses among what is c
     profiles = ["dnsmasq", "haproxy"]
     data_dirs = ["/var/lib/neutron"]
     max_sidecars = 256
-    budget_memory = "25%"         # all the channel's sidecars together (safespawn.budget)
+    budget_memory = "25%"         # all the channel's sidecars together (broker/budget.py)
     budget_cpus = 1.0             # default: half the host's CPUs, at least 1
     budget_tasks = 4096
 """
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .budget import ChannelBudget, host_cpus, host_memory, parse_size
+from .broker.budget import ChannelBudget, host_cpus, host_memory, parse_size
 from .errors import ConfigError
 
 DEFAULT_CONFIG = "/etc/safespawn/safespawn.toml"
@@ -80,11 +80,11 @@ class ChannelConfig:
     sidecar_gid: int | None = None
     # [broker] sidecar_uids: the range allocated uids come from (first, count).
     sidecar_uids: tuple[int, int] = DEFAULT_SIDECAR_UIDS
-    # Rolling upgrades (safespawn.rollout): when the image or a profile changes, at most this many
+    # Rolling upgrades (broker/rollout.py): when the image or a profile changes, at most this many
     # sidecars are replaced per sync, and a sync replaces the next batch only this long after the last.
     rollout_batch: int = 5
     rollout_pause: int = 30
-    # The channel's budget (safespawn.budget): what all its sidecars together may use, whatever
+    # The channel's budget (broker/budget.py): what all its sidecars together may use, whatever
     # max_sidecars times each profile's own limits would come to. Defaults: a quarter of the host's
     # memory (swap included), half its CPUs (at least one), 4096 tasks.
     budget_memory: int = field(default_factory=lambda: DEFAULT_BUDGET_MEMORY_PCT * host_memory() // 100)
@@ -129,7 +129,7 @@ class BrokerConfig:
     # After starting containers, wait this long before checking they still run: a program that
     # rejects its configuration exits within milliseconds, and the agent should hear why.
     start_settle_ms: int = 200
-    # A Prometheus textfile written after each sync (safespawn.metrics); None: no metrics.
+    # A Prometheus textfile written after each sync (broker/metrics.py); None: no metrics.
     metrics_file: Path | None = None
     # How long the installed sync service waits after serving for the next request, serving it in
     # the same process (`safespawn sync --quick --linger`); 0: it exits at once. At most 30.

@@ -401,7 +401,7 @@ def test_a_config_change_reconciles_without_reinstalling(host: Host) -> None:
     changed = [dict(channel, max_sidecars=9, rollout_batch=3, rollout_pause=7, budget_memory="512m", budget_cpus=0.5,
                     budget_tasks=300)]
     # A custom profile too: the built-in dnsmasq one, as an operator would start an override.
-    dnsmasq = (REPO / "src" / "safespawn" / "profiles" / "dnsmasq.toml").read_text()
+    dnsmasq = (REPO / "src" / "safespawn" / "broker" / "profiles" / "dnsmasq.toml").read_text()
     prom = Path(tempfile.mkdtemp(prefix="sst-textfile-")) / "safespawn.prom"  # outside the snapshot
     p = host.play("--diff", safespawn_channels=changed, safespawn_custom_profiles={"dnsmasq": dnsmasq},
                   safespawn_metrics_file=str(prom))
@@ -449,7 +449,7 @@ def test_an_invalid_config_is_refused_before_it_is_put_in_place(host: Host) -> N
     assert "broker.sidecar_uids: FIRST must be at least 65536" in p.stdout, p.stdout[-3000:]
     assert (host.config_dir / "safespawn.toml").read_text() == before
     # A custom profile safespawn's parser refuses never reaches the profiles dir either.
-    builtin = (REPO / "src" / "safespawn" / "profiles" / "dnsmasq.toml").read_text()
+    builtin = (REPO / "src" / "safespawn" / "broker" / "profiles" / "dnsmasq.toml").read_text()
     assert 'name = "dnsmasq"' in builtin
     for text, why in (('name = "dnsmasq"\ncommand = []\n', "profile dnsmasq: netns_pattern is required"),
                       (builtin.replace('name = "dnsmasq"', 'name = "other"'), "its name must be 'dnsmasq'")):

@@ -33,9 +33,8 @@ import pytest
 from support import netlab
 from support.broker import Broker
 
-from safespawn import client
-from safespawn.errors import ConfigError
-from safespawn.policy import (
+from safespawn.agent import client
+from safespawn.broker.policy import (
     FORBIDDEN_CAPS,
     FORBIDDEN_WITH_PID_HOST,
     Policy,
@@ -43,7 +42,8 @@ from safespawn.policy import (
     builtin_profile_names,
     load_profile,
 )
-from safespawn.request import Request
+from safespawn.broker.request import Request
+from safespawn.errors import ConfigError
 from safespawn.runtime.podman import run_argv
 
 PROFILES = builtin_profile_names()
@@ -152,7 +152,7 @@ def write_custom_profile(folder: Path, builtin: str, name: str, pid_host: bool,
                          more_caps: tuple[str, ...] = ()) -> None:
     """A custom profile an operator might write: a built-in one with its name, pid_host and caps changed."""
     folder.mkdir(parents=True, exist_ok=True)
-    text = (Path(__file__).resolve().parents[2] / "src" / "safespawn" / "profiles" / f"{builtin}.toml").read_text()
+    text = (Path(__file__).resolve().parents[2] / "src" / "safespawn" / "broker" / "profiles" / f"{builtin}.toml").read_text()
     for old, new in ((f'\nname = "{builtin}"\n', f'\nname = "{name}"\n'),
                      ("\npid_host = false\n", f"\npid_host = {str(pid_host).lower()}\n"),
                      ("\ncapabilities = [", "\ncapabilities = [" + "".join(f'"{c}", ' for c in more_caps))):

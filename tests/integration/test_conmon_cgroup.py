@@ -18,7 +18,7 @@ import pytest
 from support.broker import Broker
 from support.usersystemd import UserManager, wait_until, write_config
 
-from safespawn import client
+from safespawn.agent import client
 from safespawn.runtime.conmon import TRACKING, cgroups_of, tracking_mounts
 
 SYNC = "safespawn-sync@.service"

@@ -12,10 +12,10 @@ import uuid
 from pathlib import Path
 
 import pytest
-
-from safespawn import client
 from support import netlab
 from support.netlab import NetnsPair, dhcp_lease, wait_for
+
+from safespawn.agent import client
 
 
 def qdhcp() -> str:
@@ -150,7 +150,7 @@ def test_sidecar_outlives_the_requesting_process_and_the_broker(broker, pair):
     argv = dnsmasq_argv(broker.data_dir, pair)
     req = client.start_request("dnsmasq", argv, netns=pair.server_ns)
     # The requester is a separate process that we kill as soon as it has its reply.
-    code = ("import json,sys; from safespawn import client; "
+    code = ("import json,sys; from safespawn.agent import client; "
             f"r=client.submit({str(broker.channel_dir())!r}, json.loads(sys.argv[1]), 30); "
             "print(json.dumps(r), flush=True); import time; time.sleep(60)")
     p = subprocess.Popen([sys.executable, "-c", code, json.dumps(req)], stdout=subprocess.PIPE, text=True)
@@ -216,7 +216,7 @@ def test_a_replayed_request_is_answered_from_the_ledger_without_acting_again(bro
 
 
 def test_a_crash_between_acting_and_replying_loses_nothing_and_starts_once(broker, pair, monkeypatch):
-    from safespawn.state import ChannelState
+    from safespawn.broker.state import ChannelState
 
     req = client.start_request("dnsmasq", dnsmasq_argv(broker.data_dir, pair), netns=pair.server_ns)
     broker.write(req)
@@ -239,7 +239,7 @@ def test_a_crash_between_acting_and_replying_loses_nothing_and_starts_once(broke
 
 
 def test_an_interrupted_hup_is_not_delivered_twice(broker, pair, monkeypatch):
-    from safespawn.state import ChannelState
+    from safespawn.broker.state import ChannelState
 
     r = broker.request(client.start_request("dnsmasq", dnsmasq_argv(broker.data_dir, pair), netns=pair.server_ns))
     req = client.signal_request("HUP", pid=r["pid"])
@@ -288,7 +288,7 @@ def test_100_concurrent_requests_from_separate_processes_each_get_exactly_one_re
     argv = dnsmasq_argv(broker.data_dir, pair)
     reqs = [client.start_request("dnsmasq", argv, netns=pair.server_ns) for _ in range(50)]
     reqs += [client.signal_request("HUP", pid=4000000 + i) for i in range(50)]
-    code = ("import json,sys; from safespawn import client; "
+    code = ("import json,sys; from safespawn.agent import client; "
             f"print(json.dumps(client.submit({str(broker.channel_dir())!r}, json.loads(sys.argv[1]), 90)))")
     procs = [subprocess.Popen([sys.executable, "-c", code, json.dumps(r)], stdout=subprocess.PIPE, text=True)
              for r in reqs]

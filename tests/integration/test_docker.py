@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from support import netlab
 
-from safespawn import client
+from safespawn.agent import client
 
 from .test_core import (  # noqa: F401 (the imported tests run here again, with the Docker broker)
     dnsmasq_argv,
@@ -266,8 +266,8 @@ def test_a_netns_swapped_for_the_hosts_after_the_policy_check_is_refused_at_crea
     """The policy checked the netns; then the agent (which can mount under /run/netns) swaps it for
     the host's before Docker creates the container. The OCI runtime's own check stops the create, so
     the sidecar never runs at all (with podman, the post-start check catches it after the fact)."""
+    from safespawn.broker.engine import Engine
     from safespawn.config import load_config
-    from safespawn.engine import Engine
     from safespawn.runtime import DockerRuntime, make_runtime
 
     path = f"/run/netns/{pair.server_ns}"
@@ -279,7 +279,7 @@ def test_a_netns_swapped_for_the_hosts_after_the_policy_check_is_refused_at_crea
 
     cfg = load_config(str(broker.config_path))
     d = make_runtime(cfg.broker)
-    broker._engine = Engine(cfg, runtime=SwapToHostNetns(d.docker, d.env["DOCKER_HOST"], d.oci_runtime))
+    broker._engine = Engine(cfg, runtime=SwapToHostNetns(d.cli.argv0, d.cli.env["DOCKER_HOST"], d.oci_runtime))
     try:
         r = broker.request(client.start_request("dnsmasq", dnsmasq_argv(broker.data_dir, pair),
                                                 netns=pair.server_ns))

@@ -25,9 +25,9 @@ from pathlib import Path
 import pytest
 from support.broker import Broker
 
-from safespawn import client
-from safespawn.policy import FORBIDDEN_CAPS, FORBIDDEN_WITH_PID_HOST, Policy, Profile
-from safespawn.request import Request
+from safespawn.agent import client
+from safespawn.broker.policy import FORBIDDEN_CAPS, FORBIDDEN_WITH_PID_HOST, Policy, Profile
+from safespawn.broker.request import Request
 from safespawn.runtime import make_runtime
 from safespawn.runtime.docker import run_argv
 

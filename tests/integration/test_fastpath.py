@@ -22,7 +22,8 @@ from typing import Any
 import pytest
 from support.broker import Broker
 
-from safespawn import client, pidsignal
+from safespawn.agent import client
+from safespawn.broker import pidsignal
 
 NSLEEPER = """\
 name = "nsleeper"

@@ -31,9 +31,9 @@ import pytest
 from support import netlab
 from support.broker import Broker
 
-from safespawn import client
+from safespawn.agent import client
+from safespawn.broker.engine import Engine
 from safespawn.config import load_config
-from safespawn.engine import Engine
 from safespawn.runtime.podman import PodmanRuntime
 
 NETNS_DIR = Path("/run/netns")
@@ -717,7 +717,7 @@ def test_a_profile_not_granted_to_the_channel_is_refused(b, host, ns):
 ])
 def test_other_profiles_refuse_foreign_files_and_options_that_run_programs(make_broker, tmp_path, profile, argv,
                                                                             netns_prefix):
-    from safespawn.policy import builtin_profile_names
+    from safespawn.broker.policy import builtin_profile_names
 
     if profile not in builtin_profile_names():
         pytest.skip(f"no built-in {profile} profile")

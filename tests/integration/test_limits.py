@@ -3,7 +3,7 @@ config whose Lua does the damage, the built-in profiles and the default limits.
 
 Each attack runs in one channel while the broker (`safespawn watch`) keeps answering a start in
 the same channel and in another channel. The sidecars sit below the channel's budget cgroup
-(safespawn.budget), read here through the same files the broker writes (cgroup v1 on the test bed;
+(safespawn.broker.budget), read here through the same files the broker writes (cgroup v1 on the test bed;
 on a systemd host with cgroup v2 the slice path is exercised by tests/vm/).
 """
 
@@ -23,8 +23,11 @@ import pytest
 from support import netlab
 from support.broker import Broker
 
-from safespawn import budget, client
-from safespawn.policy import load_profile
+from safespawn.agent import client
+from safespawn.broker import budget
+from safespawn.broker.policy import load_profile
+from safespawn.runtime.command import RuntimeCli
+from safespawn.runtime.podman import cgroup_host_of
 
 pytestmark = pytest.mark.usefixtures("require_v1_cgroupfs")
 HOST = budget.CgroupHost("cgroupfs", 1)
@@ -33,7 +36,7 @@ HAPROXY = load_profile("haproxy", None)
 
 @pytest.fixture(scope="module")
 def require_v1_cgroupfs() -> None:
-    h = budget.detect()
+    h = cgroup_host_of(RuntimeCli("podman", "podman"))
     if (h.manager, h.version) != ("cgroupfs", 1):
         pytest.skip(f"these read cgroup v1 files; podman here is {h.manager} v{h.version} (tests/vm/ covers v2)")
 

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from support.netlab import NetnsPair
 
 from integration.test_core import dnsmasq_argv, qdhcp
-from safespawn import client
+from safespawn.agent import client
 
 
 def samples(path):

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from support.netlab import NetnsPair, wait_for
 
-from safespawn import client
+from safespawn.agent import client
 
 from .test_core import dnsmasq_argv, qdhcp
 

@@ -17,7 +17,7 @@ import pytest
 from support import netlab
 from support.broker import Broker
 
-from safespawn import client
+from safespawn.agent import client
 
 NOPID = 4_194_000
 

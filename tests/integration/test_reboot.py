@@ -18,7 +18,7 @@ from pathlib import Path
 from support.broker import Broker
 from support.netlab import NetnsPair, dhcp_lease, random_mac
 
-from safespawn import client
+from safespawn.agent import client
 
 from .test_core import dnsmasq_argv, qdhcp
 from .test_pidfiles import holds_host_pid

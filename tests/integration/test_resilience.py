@@ -10,10 +10,10 @@ import subprocess
 import uuid
 
 import pytest
-
-from safespawn import client
 from support.broker import Broker
 from support.netlab import netns_add, netns_delete
+
+from safespawn.agent import client
 
 
 @pytest.fixture
@@ -124,7 +124,7 @@ def test_a_flood_does_not_swallow_a_request_claimed_before_a_crash(tmp_path, tes
     import hashlib
     import time
 
-    from safespawn.state import ChannelState
+    from safespawn.broker.state import ChannelState
 
     with Broker.make(tmp_path / "b", image=test_image, extra="max_pending = 2") as b:
         reqs = [client.signal_request("HUP", pid=4000100 + i) for i in range(5)]

@@ -16,7 +16,7 @@ import pytest
 from support.netlab import NetnsPair
 
 from integration.test_core import dnsmasq_argv
-from safespawn import client
+from safespawn.agent import client
 
 V2 = "localhost/safespawn-test:rollout-v2"
 BROKEN = "localhost/safespawn-test:rollout-broken"

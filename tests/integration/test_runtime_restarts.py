@@ -11,7 +11,7 @@ from typing import Any
 from support.broker import Broker
 from support.usersystemd import SLEEPER, wait_until
 
-from safespawn import client
+from safespawn.agent import client
 
 
 def sidecar_status(b: Broker) -> dict[str, Any]:

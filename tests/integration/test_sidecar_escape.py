@@ -49,8 +49,8 @@ from support import netlab
 from support.broker import REPO, Broker
 from support.netlab import NetnsPair
 
-from safespawn import client
-from safespawn.policy import builtin_profile_names, load_profile
+from safespawn.agent import client
+from safespawn.broker.policy import builtin_profile_names, load_profile
 
 L3_IMAGE = "localhost/safespawn-test-l3:latest"
 PROFILES = builtin_profile_names()
@@ -174,7 +174,7 @@ def write_custom_profiles(profiles_dir: Path) -> None:
     """Custom profiles an operator might write, each a built-in one with one thing changed."""
     profiles_dir.mkdir(parents=True, exist_ok=True)
     for custom, (builtin, pid_host, more_caps) in CUSTOM.items():
-        text = (REPO / "src" / "safespawn" / "profiles" / f"{builtin}.toml").read_text()
+        text = (REPO / "src" / "safespawn" / "broker" / "profiles" / f"{builtin}.toml").read_text()
         for old, new in ((f'\nname = "{builtin}"\n', f'\nname = "{custom}"\n'),
                          ("\npid_host = false\n", f"\npid_host = {str(pid_host).lower()}\n"),
                          ("\ncapabilities = [", "\ncapabilities = [" + "".join(f'"{c}", ' for c in more_caps))):

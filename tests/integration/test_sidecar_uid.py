@@ -30,9 +30,9 @@ from support import netlab
 from support.broker import REPO
 from support.netlab import NetnsPair
 
-from safespawn import client
+from safespawn.agent import client
+from safespawn.broker.policy import load_profile
 from safespawn.config import allocated_uid
-from safespawn.policy import load_profile
 
 from .test_core import dnsmasq_argv
 

@@ -27,9 +27,9 @@ import pytest
 from support.broker import Broker
 from support.usersystemd import SAFESPAWN, UserManager, count_lines, wait_until, write_config
 
-from safespawn import client
+from safespawn.agent import client
 from safespawn.config import load_config
-from safespawn.units import SCOPES, START_LIMIT_BURST, render_units
+from safespawn.ops.units import SCOPES, START_LIMIT_BURST, render_units
 
 SYNC = "safespawn-sync@.service"
 RECONCILE = "safespawn-reconcile.service"

@@ -25,10 +25,10 @@ from support.broker import REPO
 from support.netlab import NetnsPair
 from test_neutron_agent import Agent
 
-from safespawn import adopt as adopt_mod
-from safespawn.adopt import Adoption
+from safespawn.broker.engine import Engine
 from safespawn.config import load_config
-from safespawn.engine import Engine
+from safespawn.ops import adopt as adopt_mod
+from safespawn.ops.adopt import Adoption
 
 pytestmark = [pytest.mark.integration, pytest.mark.neutron]
 OUTAGE_BOUND = 10.0  # seconds without a lease that a switch may cost (measured: see docs/operations.md)

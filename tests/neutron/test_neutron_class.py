@@ -31,7 +31,7 @@ from support.broker import REPO, Broker
 from support.netlab import NetnsPair
 from support.neutron_process import NEUTRON_TESTS, AgentProcess
 
-from safespawn import client
+from safespawn.agent import client
 
 pytestmark = [pytest.mark.integration, pytest.mark.neutron]
 L3_IMAGE = "localhost/safespawn-test-l3:latest"

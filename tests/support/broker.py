@@ -22,10 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from safespawn import budget, client
+from safespawn.agent import client
+from safespawn.broker import budget
+from safespawn.broker.engine import Engine
+from safespawn.broker.inbox import create_channel_dirs
 from safespawn.config import load_config
-from safespawn.engine import Engine
-from safespawn.inbox import create_channel_dirs
+from safespawn.runtime.command import RuntimeCli
+from safespawn.runtime.podman import cgroup_host_of
 
 if TYPE_CHECKING:
     from support.dockerd import PrivateDockerd
@@ -35,11 +38,11 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def remove_budget_cgroups(channel: str) -> None:
-    """The channel's budget cgroups (safespawn.budget), once its containers are gone: bottom-up."""
+    """The channel's budget cgroups (safespawn.broker.budget), once its containers are gone: bottom-up."""
     global _CGROUP_HOST
     if _CGROUP_HOST is None:
         try:
-            _CGROUP_HOST = budget.detect()
+            _CGROUP_HOST = cgroup_host_of(RuntimeCli("podman", "podman"))
         except Exception:
             return
     deadline = time.monotonic() + 5

@@ -12,12 +12,12 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from safespawn import client
+from safespawn.agent import client
+from safespawn.broker.engine import Engine, SyncResult
+from safespawn.broker.inbox import create_channel_dirs
+from safespawn.broker.policy import Policy, parse_profile
+from safespawn.broker.state import ChannelState
 from safespawn.config import parse_config
-from safespawn.engine import Engine, SyncResult
-from safespawn.inbox import create_channel_dirs
-from safespawn.policy import Policy, parse_profile
-from safespawn.state import ChannelState
 from support.fake_runtime import FakeRuntime
 
 CH = "ch"

@@ -21,9 +21,9 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from safespawn.broker.sidecar import LABEL_CHANNEL, SidecarSpec
 from safespawn.errors import RuntimeFailed
 from safespawn.runtime import Container
-from safespawn.sidecar import LABEL_CHANNEL, SidecarSpec
 
 # Near the kernel's pid ceiling (requests refuse pids above it) and skipped if /proc/PID exists: a
 # fake sidecar's pid names no process here, as for a sidecar in its own pid namespace.

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from safespawn.adopt import _match, named_netns_by_inode, program_argv
+from safespawn.ops.adopt import _match, named_netns_by_inode, program_argv
 
 NS = "qdhcp-0b0e4cc0-3f1a-4a5e-9f5e-1c2d3e4f5a6b"
 
@@ -72,7 +72,7 @@ def _channel(tmp_path):
 
 
 def test_the_request_is_renamed_from_tmp_into_new(tmp_path):
-    from safespawn.adopt import write_request
+    from safespawn.ops.adopt import write_request
 
     ch = _channel(tmp_path)
     rid = write_request(str(ch), {"v": 1, "id": "a" * 32, "op": "start"})
@@ -81,7 +81,7 @@ def test_the_request_is_renamed_from_tmp_into_new(tmp_path):
 
 @pytest.mark.parametrize("swapped", ["inbox", "inbox/tmp", "inbox/new"])
 def test_a_symlinked_inbox_folder_never_makes_root_write_elsewhere(tmp_path, swapped):
-    from safespawn.adopt import write_request
+    from safespawn.ops.adopt import write_request
 
     ch = _channel(tmp_path)
     victim = tmp_path / "etc"
@@ -115,8 +115,8 @@ def test_adopt_reads_and_stops_legacy_containers_through_the_configured_runtimes
     import json
     import sys
 
-    from safespawn.adopt import Cli, discover
     from safespawn.config import parse_config
+    from safespawn.ops.adopt import Cli, discover
 
     log, cid = tmp_path / "calls", "c" * 64
     cli_path = tmp_path / runtime

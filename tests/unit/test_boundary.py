@@ -1,11 +1,12 @@
 """The trust boundary and the import graph, read from the source (docs/architecture.md, "The trust boundary").
 
-Agent-side code runs inside the untrusted agent container, on the agent image's Python (3.9+), with
-nothing but the standard library: it imports nothing from the host side. The host side imports the
-agent side only to act as a client of a channel or to ship the agent's files. And no module of
-src/safespawn takes part in an import cycle, counting every import: at module level, inside
-functions, and under `if TYPE_CHECKING:` (a cycle that only the type checker sees is still two
-modules that cannot be read apart).
+Each folder of src/safespawn is one side. agent/ runs inside the untrusted agent container, on the
+agent image's Python (3.9+), with nothing but the standard library: it imports nothing from the host
+side. The host side (broker/, runtime/, ops/ and the top-level modules) imports the agent side only
+to act as a client of a channel or to ship the agent's files, and each host folder imports only
+what the layering below allows. And no module of src/safespawn takes part in an import cycle,
+counting every import: at module level, inside functions, and under `if TYPE_CHECKING:` (a cycle
+that only the type checker sees is still two modules that cannot be read apart).
 """
 
 from __future__ import annotations
@@ -20,33 +21,56 @@ from pathlib import Path
 import pytest
 from support.vermin import VERMIN
 
-from safespawn import client, wrappers
+from safespawn.agent import client
 from safespawn.errors import ExitCode
+from safespawn.ops import wrappers
 
 REPO = Path(__file__).resolve().parents[2]
 SRC = REPO / "src" / "safespawn"
 
-# Where each module runs. A new module must be placed here (test_every_module_has_a_side).
-AGENT = {"client", "neutron_pm", "neutron_hook", "launcher"}  # in the agent container, Python 3.9+, stdlib
-OCI_SHIM = {"ociruntime"}  # exec'd by dockerd on the host for every runc call
-HOST = {
-    "__init__", "adopt", "audit", "budget", "cli", "config", "engine", "errors", "files", "inbox", "install", "metrics",
-    "pidfiles", "pidsignal", "policy", "readiness", "request", "rollout", "sidecar", "state", "units", "watch",
-    "wrappers", "profiles/__init__", "runtime/__init__", "runtime/base", "runtime/checks", "runtime/conmon",
-    "runtime/docker", "runtime/podman",
+# Where each module runs: its folder says it. A module outside these folders must be one of TOP.
+SIDES = {
+    "agent": "in the agent container (untrusted), Python 3.9+, standard library only",
+    "broker": "root on the host: reads the channel, decides, acts, replies",
+    "runtime": "root on the host: the podman and docker CLIs, and the OCI shim dockerd execs",
+    "ops": "root on the host: the operator's commands (install, units, wrappers, adopt, doctor)",
+}
+TOP = {"__init__", "cli", "config", "errors"}  # host: the public names, the command, what every host side reads
+OCI_SHIM = "runtime/ociruntime"  # exec'd by dockerd for every runc call: cheap to import (test_docker_runtime)
+# What each host module may import of safespawn, by folder or module (a folder allows its modules).
+# The broker drives the runtimes; the runtimes use the broker's values (the spec and container,
+# budgets, the pid-file reader, and, in the OCI shim, the policy's netns checks), never the engine;
+# ops and the command line sit on top; nothing but cli.py imports ops/.
+MAY_IMPORT = {
+    "errors": set(),
+    "config": {"broker/budget", "errors"},
+    "broker": {"broker", "runtime", "config", "errors"},
+    "runtime": {"runtime", "broker/sidecar", "broker/budget", "broker/pidfiles", "broker/policy", "config", "errors"},
+    "ops": {"ops", "broker", "runtime", "agent/client", "agent/scripts", "config", "errors"},
+    "cli": {"agent/client", "broker", "runtime", "ops", "config", "errors"},
+    "__init__": {"agent/client", "broker", "runtime", "config", "errors"},
 }
 # The names the agent-side files have once `safespawn wrappers install` has copied them.
-COPIED_AS = {"safespawn_client": "client", "safespawn_neutron": "neutron_pm"}
+COPIED_AS = {"safespawn_client": "agent/client", "safespawn_neutron": "agent/neutron_pm"}
 # Imports an agent-side module may make besides the standard library: Neutron's own packages, which
 # the class plugs into (the agent image has them), imported only when Neutron asks for the class.
-AGENT_EXTRA = {"neutron_pm": {"neutron", "neutron_lib", "oslo_log"}}
+AGENT_EXTRA = {"agent/neutron_pm": {"neutron", "neutron_lib", "oslo_log"}}
 # The only host -> agent imports, and why each is one.
 HOST_USES_AGENT = {
-    ("__init__", "client"): "the facade re-exports NoBroker, which the client raises",
-    ("cli", "client"): "`safespawn submit` is a client of a channel",
-    ("adopt", "client"): "adopt submits start requests through the channel, as a client",
-    ("wrappers", "launcher"): "`wrappers install` ships the launcher, its hook and the class",
+    ("__init__", "agent/client"): "the facade re-exports NoBroker, which the client raises",
+    ("cli", "agent/client"): "`safespawn submit` is a client of a channel",
+    ("ops/adopt", "agent/client"): "adopt submits start requests through the channel, as a client",
+    ("ops/wrappers", "agent/scripts"): "`wrappers install` ships the agent side: the scripts, the client, the class and its hook",
 }
+
+
+def _side(name: str) -> str:
+    """'broker/engine' -> 'broker'; a top-level module is its own side ('cli')."""
+    return name.partition("/")[0]
+
+
+def _agent_modules() -> list[str]:
+    return sorted(n for n in _modules() if _side(n) == "agent")
 
 
 def _modules() -> dict[str, Path]:
@@ -105,7 +129,7 @@ def import_graph(root: Path, package: str) -> dict[str, set[str]]:
             parts = t.split(".")
             for i in range(2, len(parts)):
                 parent = ".".join(parts[:i])
-                if parent in mods and not mod.startswith(parent + "."):
+                if parent in mods and parent != mod and not mod.startswith(parent + "."):
                     edges.add(parent)
         graph[mod] = edges
     return graph
@@ -148,9 +172,17 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 # -- where each module runs -------------------------------------------------------------------------
 
+def _short(dotted: str) -> str:
+    """'safespawn.broker.engine' -> 'broker/engine'; the package itself (or a folder's) -> its __init__."""
+    name = dotted.removeprefix("safespawn").lstrip(".").replace(".", "/")
+    return name if name in _modules() else f"{name}/__init__".lstrip("/")
+
+
 def test_every_module_has_a_side() -> None:
-    assert set(_modules()) == AGENT | OCI_SHIM | HOST
-    assert not (AGENT & HOST or AGENT & OCI_SHIM or HOST & OCI_SHIM)
+    for name in _modules():
+        assert _side(name) in SIDES or name in TOP, f"{name}.py is in no side's folder"
+    assert set(SIDES) <= {_side(n) for n in _modules()}
+    assert OCI_SHIM in _modules()
 
 
 def test_the_readme_layout_names_every_module_and_says_where_the_neutron_tests_are() -> None:
@@ -160,7 +192,7 @@ def test_the_readme_layout_names_every_module_and_says_where_the_neutron_tests_a
         if name == "__init__":
             continue
         if name.endswith("/__init__"):  # a package: its folder
-            assert name.removesuffix("__init__") in layout, name
+            assert name.removesuffix("__init__").rpartition("/")[0].rpartition("/")[2] + "/" in layout, name
         else:
             assert re.search(rf"(?<![\w-]){re.escape(name.rpartition('/')[2])}\.py", layout), name
     assert "tests/neutron" in layout or "neutron/" in layout
@@ -168,34 +200,45 @@ def test_the_readme_layout_names_every_module_and_says_where_the_neutron_tests_a
 
 # -- the agent side ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", sorted(AGENT))
+@pytest.mark.parametrize("name", _agent_modules())
 def test_agent_side_module_imports_only_the_standard_library_and_the_agent_side(name: str) -> None:
-    path = SRC / f"{name}.py"
-    allowed_safespawn = {f"safespawn.{m}" for m in AGENT} | {f".{m}" for m in AGENT}
-    for level, module, imported, line in _imports(path):
-        if level:  # from . import x / from .x import y: only other agent-side modules
-            target = f".{module}" if module else f".{imported}"
-            assert target in allowed_safespawn, f"{name}.py:{line} imports host-side {target}"
-            continue
+    graph = import_graph(SRC, "safespawn")
+    host = {_short(t) for t in graph[f"safespawn.{name.replace('/', '.')}".removesuffix(".__init__")]}
+    assert {t for t in host if _side(t) != "agent"} == set(), f"{name}.py imports the host side"
+    for level, module, imported, line in _imports(SRC / f"{name}.py"):
+        if level:
+            continue  # inside the package: the graph above
         top = (module or imported).split(".")[0]
         if top == "safespawn":
-            full = f"{module}.{imported}" if module == "safespawn" else (module or imported)
-            assert full in allowed_safespawn, f"{name}.py:{line} imports host-side {full}"
+            full = f"{module}.{imported}" if module else imported
+            target = _short(full) if _short(full) in _modules() else _short(module or full)
+            assert _side(target) == "agent", f"{name}.py:{line} imports host-side {full}"
             continue
         assert (top in sys.stdlib_module_names or top in COPIED_AS or top in AGENT_EXTRA.get(name, set())), \
             f"{name}.py:{line} imports {top}, which an agent image need not have"
 
 
-@pytest.mark.parametrize("name", sorted(AGENT))
+@pytest.mark.parametrize("name", _agent_modules())
 def test_agent_side_module_parses_as_python_3_9(name: str) -> None:
     ast.parse((SRC / f"{name}.py").read_text(), feature_version=(3, 9))
 
 
 def test_vermin_finds_nothing_newer_than_3_9_on_the_agent_side() -> None:
-    files = [str(SRC / f"{name}.py") for name in sorted(AGENT)]
+    files = [str(SRC / f"{name}.py") for name in _agent_modules()]
     p = subprocess.run([*VERMIN, "--target=3.9-", "--violations", "--no-tips", "--no-parse-comments", *files],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_the_agent_side_checks_see_a_host_import_and_a_newer_python(tmp_path: Path) -> None:
+    # The checks above are only as good as what they look at: a host import, relative or absolute,
+    # shows up in the graph, and a 3.10 construct does not parse as 3.9.
+    graph = import_graph(_package(tmp_path, {
+        "__init__.py": "", "errors.py": "", "agent/__init__.py": "", "agent/a.py": "from ..errors import X\n",
+        "agent/b.py": "def f():\n    import pkg.errors\n"}), "pkg")
+    assert graph["pkg.agent.a"] == {"pkg.errors"} and graph["pkg.agent.b"] == {"pkg.errors"}
+    with pytest.raises(SyntaxError):
+        ast.parse("match x:\n    case 1:\n        pass\n", feature_version=(3, 9))
 
 
 def test_the_generated_wrappers_and_launcher_import_only_the_standard_library_and_the_copies(
@@ -218,15 +261,55 @@ def test_the_client_restates_the_exit_codes_of_the_command_line() -> None:
 
 def test_the_host_side_imports_the_agent_side_only_as_a_client_or_to_ship_it() -> None:
     graph = import_graph(SRC, "safespawn")
-    agent = {f"safespawn.{m}" for m in AGENT}
     seen = set()
     for mod, targets in graph.items():
-        short = mod.removeprefix("safespawn").lstrip(".").replace(".", "/") or "__init__"
-        if short in AGENT:
+        short = _short(mod)
+        if _side(short) == "agent":
             continue
-        for t in targets & agent:
-            seen.add((short, t.removeprefix("safespawn.")))
+        for t in targets:
+            if _side(_short(t)) == "agent" and _short(t) != "agent/__init__":
+                seen.add((short, _short(t)))
     assert seen == set(HOST_USES_AGENT)
+
+
+def _allowed(importer: str, target: str) -> bool:
+    rules = MAY_IMPORT[importer if importer in MAY_IMPORT else _side(importer)]
+    if target.endswith("/__init__"):  # a folder's __init__ runs with any module of it
+        return any(r == target.removesuffix("/__init__") or r.startswith(target.removesuffix("__init__"))
+                   for r in rules)
+    return any(target == r or _side(target) == r for r in rules)
+
+
+def test_each_host_folder_imports_only_what_the_layering_allows() -> None:
+    graph = import_graph(SRC, "safespawn")
+    bad = []
+    for mod, targets in sorted(graph.items()):
+        short = _short(mod)
+        if _side(short) == "agent":
+            continue
+        bad += [f"{short} -> {_short(t)}" for t in sorted(targets) if not _allowed(short, _short(t))]
+    assert bad == []
+
+
+def test_the_layering_check_sees_the_broker_importing_ops() -> None:
+    assert not _allowed("broker/engine", "ops/install")
+    assert not _allowed("runtime/podman", "broker/engine")
+    assert not _allowed("errors", "agent/client")
+    assert _allowed("runtime/docker", "broker/__init__") and _allowed("broker/engine", "runtime/__init__")
+
+
+def test_the_oci_shim_imports_only_the_standard_library_at_module_level() -> None:
+    # dockerd execs it for every runc call; only a `create` that names a netns reads the config
+    # and the profile (inside functions).
+    tree = ast.parse((SRC / f"{OCI_SHIM}.py").read_text())
+    for n in tree.body:
+        if isinstance(n, ast.Import):
+            tops = {a.name.split(".")[0] for a in n.names}
+        elif isinstance(n, ast.ImportFrom):
+            tops = {"." if n.level else (n.module or "").split(".")[0]}
+        else:
+            continue
+        assert tops <= set(sys.stdlib_module_names), ast.unparse(n)
 
 
 # -- no import cycles ----------------------------------------------------------------------------------

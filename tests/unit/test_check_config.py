@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from safespawn.broker.engine import Engine
+from safespawn.broker.policy import Policy
 from safespawn.cli import main
 from safespawn.config import parse_config
-from safespawn.engine import Engine
 from safespawn.errors import ConfigError, ExitCode
-from safespawn.policy import Policy
 
 
 def write(tmp_path: Path, data_dirs: list[str], profiles: tuple[str, ...] = ("dnsmasq", "haproxy")) -> Path:

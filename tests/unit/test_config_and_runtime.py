@@ -2,10 +2,10 @@ from pathlib import Path
 
 import pytest
 
+from safespawn.broker.policy import Policy, builtin_profile_names, load_profile
+from safespawn.broker.request import Request
 from safespawn.config import DEFAULT_SIDECAR_UIDS, allocated_uid, host_id_conflicts, parse_config
 from safespawn.errors import ConfigError
-from safespawn.policy import Policy, builtin_profile_names, load_profile
-from safespawn.request import Request
 from safespawn.runtime.podman import run_argv
 
 CFG = {
@@ -75,7 +75,8 @@ def test_nothing_from_the_request_goes_before_the_image_except_checked_fused_val
     (["start", "dnsmasq", "--netns=qdhcp-z", "--", "-k"], "qdhcp-z", ["-k"]),
 ])
 def test_submit_start_separates_its_options_from_the_programs(tmp_path, monkeypatch, cmdline, netns, argv):
-    from safespawn import cli, client
+    from safespawn import cli
+    from safespawn.agent import client
 
     seen = {}
 
@@ -284,7 +285,7 @@ def test_check_config_warns_about_channels_that_share_a_data_dir(tmp_path, capsy
 def load_profile_text(name):
     from importlib import resources
 
-    return resources.files("safespawn.profiles").joinpath(f"{name}.toml").read_text()
+    return resources.files("safespawn.broker.profiles").joinpath(f"{name}.toml").read_text()
 
 
 def test_remove_retries_once_when_podman_loses_the_race_with_a_restart(tmp_path):

@@ -53,6 +53,6 @@ def test_cgroups_of_this_process_are_read() -> None:
 def test_podman_runs_without_invocation_id(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("INVOCATION_ID", "0123456789abcdef0123456789abcdef")
     monkeypatch.setenv("SAFESPAWN_SOMETHING", "kept")
-    env = PodmanRuntime()._env
+    env = PodmanRuntime().cli.env
     assert "INVOCATION_ID" not in env and env["SAFESPAWN_SOMETHING"] == "kept"
     assert os.environ["INVOCATION_ID"]  # the broker's own environment is left as it is

@@ -8,13 +8,14 @@ import copy
 
 import pytest
 
+from safespawn.broker.policy import Policy
+from safespawn.broker.request import Request
 from safespawn.config import parse_config
 from safespawn.errors import ConfigError
-from safespawn.ociruntime import Refused, parse_runc_argv, rewrite
-from safespawn.policy import Policy
-from safespawn.request import Request
 from safespawn.runtime import DockerRuntime, PodmanRuntime, make_runtime
-from safespawn.runtime.docker import _unix_time, run_argv
+from safespawn.runtime.base import unix_seconds
+from safespawn.runtime.docker import run_argv
+from safespawn.runtime.ociruntime import Refused, parse_runc_argv, rewrite
 
 CFG = {
     "broker": {"runtime": "docker", "docker": "/usr/bin/docker", "docker_host": "unix:///run/d/docker.sock"},
@@ -74,7 +75,7 @@ def test_a_sidecar_without_a_netns_carries_no_netns_value():
 def test_the_runtime_setting_picks_the_runtime_in_one_place():
     d = make_runtime(parse_config(CFG).broker)
     assert isinstance(d, DockerRuntime)
-    assert d.docker == "/usr/bin/docker" and d.env["DOCKER_HOST"] == "unix:///run/d/docker.sock"
+    assert d.cli.argv0 == "/usr/bin/docker" and d.cli.env["DOCKER_HOST"] == "unix:///run/d/docker.sock"
     assert d.oci_runtime == "safespawn"
     assert isinstance(make_runtime(parse_config({}).broker), PodmanRuntime)  # the default
 
@@ -92,8 +93,10 @@ def test_invalid_docker_settings_are_refused_with_the_key_named(broker, why):
 
 
 def test_dockers_nanosecond_times_become_unix_seconds():
-    assert _unix_time("2026-12-01T19:21:21.273282123Z") == 1796152881
-    assert _unix_time("0001-01-01T00:00:00Z") == 0 and _unix_time(None) == 0 and _unix_time("garbage") == 0
+    assert unix_seconds("2026-12-01T19:21:21.273282123Z") == 1796152881
+    assert unix_seconds("0001-01-01T00:00:00Z") == 0 and unix_seconds(None) == 0 and unix_seconds("garbage") == 0
+    # podman's inspect times, with an offset, are read by the same function
+    assert unix_seconds("2026-12-01T20:21:21.5+01:00") == 1796152881
 
 
 @pytest.mark.parametrize("argv,want", [
@@ -171,7 +174,9 @@ def test_the_oci_runtimes_pass_through_path_imports_neither_the_engine_nor_tomll
     import subprocess
     import sys
 
-    code = ("import sys, safespawn.ociruntime; "
-            "print(sorted(m for m in ('safespawn.engine', 'safespawn.policy', 'tomllib') if m in sys.modules))")
+    # It lives in runtime/, whose __init__ imports its runtimes only on first use.
+    heavy = ("safespawn.broker.engine", "safespawn.broker.policy", "safespawn.config", "safespawn.runtime.podman",
+             "tomllib")
+    code = f"import sys, safespawn.runtime.ociruntime; print(sorted(m for m in {heavy!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]"

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from safespawn.broker.policy import Policy, confinement_warnings
 from safespawn.cli import example_config, main
 from safespawn.config import parse_config
 from safespawn.errors import ExitCode
-from safespawn.policy import Policy, confinement_warnings
-from safespawn.runtime.checks import cgroup_layout
+from safespawn.ops.doctor import cgroup_layout
 
 
 def test_the_example_config_passes_check_config_without_a_warning(tmp_path: Path,

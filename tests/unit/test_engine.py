@@ -16,13 +16,12 @@ from typing import Any
 import pytest
 from support.engine_host import CH, Host
 
-from safespawn import client
-from safespawn.state import STABLE_AFTER
+from safespawn.agent import client
+from safespawn.broker.request import parse_request
+from safespawn.broker.sidecar import LABEL_CHANNEL
+from safespawn.broker.state import STABLE_AFTER, ChannelState
 from safespawn.config import allocated_uid
 from safespawn.errors import ChannelLocked, RuntimeFailed
-from safespawn.request import parse_request
-from safespawn.sidecar import LABEL_CHANNEL
-from safespawn.state import ChannelState
 
 
 class Crash(BaseException):
@@ -462,7 +461,7 @@ def test_a_quick_sync_that_only_signalled_skips_reconcile_and_status_right_after
     assert host.ask(host.start("b"))["ok"] and json.loads(status.read_text())["published"] > published
     published = json.loads(status.read_text())["published"]
     # Once the last reconcile is older than QUICK_CONVERGED_FOR, a signal-only sync reconciles too.
-    monkeypatch.setattr("safespawn.engine.QUICK_CONVERGED_FOR", 0.0)
+    monkeypatch.setattr("safespawn.broker.engine.QUICK_CONVERGED_FOR", 0.0)
     time.sleep(0.01)
     rid = host.write(client.signal_request("HUP", pid=started["pid"]))
     host.sync(full=False)
@@ -495,8 +494,8 @@ def test_at_most_parallel_starts_runtime_calls_run_at_once(tmp_path: Path) -> No
 def test_the_files_a_program_writes_become_its_uids_before_each_start_and_respawn(tmp_path: Path) -> None:
     from support.engine_host import SLEEPER
 
-    from safespawn.engine import Engine
-    from safespawn.policy import Policy, parse_profile
+    from safespawn.broker.engine import Engine
+    from safespawn.broker.policy import Policy, parse_profile
 
     # As root the file goes to another uid; as any other user only to oneself (what chown allows).
     uid, gid = (250000, 250001) if os.getuid() == 0 else (os.getuid(), os.getgid())

@@ -18,9 +18,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from safespawn.config import parse_config
-from safespawn.errors import BadRequest, ConfigError, ErrorCode, NotFound, PolicyDenied, SafespawnError
-from safespawn.policy import (
+from safespawn.broker.policy import (
     CLONE_NEWNET,
     FORBIDDEN_CAPS,
     FORBIDDEN_WITH_PID_HOST,
@@ -31,7 +29,9 @@ from safespawn.policy import (
     load_profile,
     parse_profile,
 )
-from safespawn.request import ID_RE, MAX_ARG_LEN, MAX_ARGS, OPS, SIGNALS, Request, decode_json, parse_request
+from safespawn.broker.request import ID_RE, MAX_ARG_LEN, MAX_ARGS, OPS, SIGNALS, Request, decode_json, parse_request
+from safespawn.config import parse_config
+from safespawn.errors import BadRequest, ConfigError, ErrorCode, NotFound, PolicyDenied, SafespawnError
 
 FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow],
                 database=None)
@@ -353,7 +353,7 @@ def test_netns_pattern_existence_kind_and_links_are_checked(tmp_path) -> None:
 def test_the_ioctl_tells_a_network_namespace_from_other_namespaces() -> None:
     import fcntl
 
-    from safespawn.policy import NS_GET_NSTYPE
+    from safespawn.broker.policy import NS_GET_NSTYPE
 
     fd = os.open("/proc/self/ns/net", os.O_RDONLY)
     try:

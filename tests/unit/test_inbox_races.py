@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from safespawn import inbox
+from safespawn.broker import inbox
+from safespawn.broker.inbox import ChannelDir, Entry, create_channel_dirs
 from safespawn.errors import BadRequest, QuotaExceeded
-from safespawn.inbox import ChannelDir, Entry, create_channel_dirs
 
 RID = "0123456789abcdef0123456789abcdef"
 GOOD = b'{"v":1,"id":"' + RID.encode() + b'","op":"stop","pid":5}'

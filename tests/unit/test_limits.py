@@ -1,4 +1,4 @@
-"""Per-sidecar limits (profiles) and per-channel budgets (safespawn.budget): the pure parts.
+"""Per-sidecar limits (profiles) and per-channel budgets (safespawn.broker.budget): the pure parts.
 
 The cgroup writers run against a directory laid out like /sys/fs/cgroup, and the slice path against
 a recording stand-in for systemctl; tests/integration/test_limits.py runs them for real.
@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from safespawn import budget
-from safespawn.budget import CgroupHost, ChannelBudget
+from safespawn.broker import budget
+from safespawn.broker.budget import CgroupHost, ChannelBudget
+from safespawn.broker.policy import Policy, builtin_profile_names, load_profile, parse_profile
+from safespawn.broker.request import Request
 from safespawn.config import parse_config
 from safespawn.errors import ConfigError, RuntimeFailed
-from safespawn.policy import Policy, builtin_profile_names, load_profile, parse_profile
-from safespawn.request import Request
 from safespawn.runtime.docker import run_argv as docker_argv
 from safespawn.runtime.podman import run_argv
 
@@ -71,7 +71,7 @@ def test_a_changed_limit_changes_the_spec_hash_so_the_sidecar_is_replaced():
 
 
 def _profile(**limits: object) -> dict[str, object]:
-    d = tomllib.loads((Path(__file__).parents[2] / "src/safespawn/profiles/radvd.toml").read_text())
+    d = tomllib.loads((Path(__file__).parents[2] / "src/safespawn/broker/profiles/radvd.toml").read_text())
     d.update(limits)
     return d
 
@@ -253,7 +253,7 @@ def test_sizes(text, bytes_):
 
 
 def test_the_metrics_show_each_channels_use_against_its_budget():
-    from safespawn.metrics import ChannelMetrics, render
+    from safespawn.broker.metrics import ChannelMetrics, render
 
     use = budget.BudgetUse(memory=3 << 20, memory_max=64 << 20, tasks=5, tasks_max=4096, cpu_seconds=1.5,
                            cpus_max=1.0, throttled_seconds=0.25)
@@ -291,20 +291,19 @@ def test_systemd_on_cgroup_v1_sets_memorylimit_and_reads_the_v1_hierarchies(tmp_
     assert budget.locate("c", tmp_path) == host
 
 
-def test_podmans_cgroup_manager_is_asked_once_and_remembered_until_podman_or_its_config_changes(tmp_path, monkeypatch):
+def test_podmans_cgroup_manager_is_asked_once_and_remembered_until_podman_or_its_config_changes(tmp_path):
     calls = []
 
-    def detect(podman, timeout=30):
-        calls.append(podman)
+    def detect():
+        calls.append(1)
         return CgroupHost("systemd", 2)
 
-    monkeypatch.setattr(budget, "detect", detect)
     fake = tmp_path / "podman"
     fake.write_text("#!/bin/sh\n")
-    assert budget.cached_detect(str(fake), str(tmp_path / "state")) == CgroupHost("systemd", 2)
-    assert budget.cached_detect(str(fake), str(tmp_path / "state")) == CgroupHost("systemd", 2)
+    assert budget.cached_detect(str(fake), str(tmp_path / "state"), detect) == CgroupHost("systemd", 2)
+    assert budget.cached_detect(str(fake), str(tmp_path / "state"), detect) == CgroupHost("systemd", 2)
     assert len(calls) == 1
     assert oct((tmp_path / "state" / "cgroup-host.json").stat().st_mode & 0o777) == "0o600"
     fake.write_text("#!/bin/sh\n# upgraded\n")
-    budget.cached_detect(str(fake), str(tmp_path / "state"))
+    budget.cached_detect(str(fake), str(tmp_path / "state"), detect)
     assert len(calls) == 2

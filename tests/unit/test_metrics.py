@@ -7,15 +7,15 @@ import json
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from safespawn.broker.metrics import ChannelMetrics, ReplyObservation, SyncObservation, render, update
 from safespawn.config import parse_config
 from safespawn.errors import ConfigError
-from safespawn.metrics import ChannelMetrics, Outcome, SyncObservation, render, update
 
 
 def test_histogram_buckets_are_cumulative_and_count_every_observation():
     m = ChannelMetrics()
     update(m, SyncObservation(ok=True, duration=0.07, finished=10.0,
-                              outcomes=(Outcome("start", "allowed", "", 0.3), Outcome("stop", "allowed", "", 400.0))))
+                              replies=(ReplyObservation("start", "allowed", "", 0.3), ReplyObservation("stop", "allowed", "", 400.0))))
     fams = {f.name: f for f in text_string_to_metric_families(render([("c1", m)]))}
     lat = {s.labels.get("le"): s.value for s in fams["safespawn_request_latency_seconds"].samples
            if s.name.endswith("_bucket")}
@@ -41,7 +41,7 @@ def test_label_values_are_escaped():
 
 def test_counters_survive_a_round_trip_and_a_torn_file_restarts_them(tmp_path):
     m = ChannelMetrics()
-    update(m, SyncObservation(ok=True, duration=1.0, finished=5.0, outcomes=(Outcome("start", "refused", "quota"),),
+    update(m, SyncObservation(ok=True, duration=1.0, finished=5.0, replies=(ReplyObservation("start", "refused", "quota"),),
                               respawns=2, pending=3, sidecars=(("dnsmasq", "running"),)))
     p = tmp_path / "metrics.json"
     p.write_text(json.dumps(m.to_dict()))

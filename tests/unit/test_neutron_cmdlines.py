@@ -16,11 +16,11 @@ from typing import Any
 
 import pytest
 
-from safespawn import client
+from safespawn.agent import client
+from safespawn.broker.policy import Policy, Profile, builtin_profile_names, load_profile
+from safespawn.broker.request import Request
 from safespawn.config import ChannelConfig, Config
 from safespawn.errors import PolicyDenied, SafespawnError
-from safespawn.policy import Policy, Profile, builtin_profile_names, load_profile
-from safespawn.request import Request
 
 DATA = "/var/lib/neutron"
 LOG_DIR = "/var/log/neutron"  # the agent's log_dir: a second data dir where an operator sets one

@@ -1,4 +1,4 @@
-"""The agent-side status reader of safespawn's ProcessManager class (safespawn.neutron_pm), without Neutron.
+"""The agent-side status reader of safespawn's ProcessManager class (safespawn.agent.neutron_pm), without Neutron.
 
 The status is host-written, but the class must treat it as untrusted: whatever sits at
 outbox/status.json, `active` answers quickly with "not active" (StatusError inside) and never blocks.
@@ -19,8 +19,9 @@ from typing import Any
 import pytest
 from support.vermin import VERMIN
 
-from safespawn import launcher, neutron_pm, wrappers
-from safespawn.neutron_pm import ChannelStatus, StatusError, netns_candidates, parse_status, profile_for
+from safespawn.agent import neutron_pm, scripts
+from safespawn.agent.neutron_pm import ChannelStatus, StatusError, netns_candidates, parse_status, profile_for
+from safespawn.ops import wrappers
 
 NOW = 1_800_000_000.0
 SRC = Path(neutron_pm.__file__).parent
@@ -235,7 +236,7 @@ def test_the_launcher_runs_the_command_with_the_hook_first_and_the_channel_set(t
     env = dict(os.environ, PYTHONPATH="/elsewhere")
     out = subprocess.run([str(tmp_path / "safespawn-neutron"), "env"], capture_output=True, text=True, env=env,
                          timeout=30, check=True).stdout.splitlines()
-    assert f"PYTHONPATH={tmp_path / launcher.HOOK_DIR}:/elsewhere" in out
+    assert f"PYTHONPATH={tmp_path / scripts.HOOK_DIR}:/elsewhere" in out
     assert "SAFESPAWN_CHANNEL_DIR=/srv/ch" in out
     bad = subprocess.run([str(tmp_path / "safespawn-neutron"), str(tmp_path / "nope")], capture_output=True,
                          text=True, timeout=30)

@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from safespawn import neutron_pm
-from safespawn.inbox import create_channel_dirs
+from safespawn.agent import neutron_pm
+from safespawn.broker.inbox import create_channel_dirs
 
 FAKE_NEUTRON = {
     "neutron/__init__.py": "",

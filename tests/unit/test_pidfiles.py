@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from safespawn import pidfiles
+from safespawn.broker import pidfiles
+from safespawn.broker.pidfiles import PidFileRefused, read_pid_file, write_pid_file
+from safespawn.broker.policy import load_profile, parse_profile
 from safespawn.errors import ConfigError, PolicyDenied
-from safespawn.pidfiles import PidFileRefused, read_pid_file, write_pid_file
-from safespawn.policy import load_profile, parse_profile
 
 
 @pytest.fixture
@@ -173,7 +173,7 @@ def test_a_bad_pid_files_declaration_is_a_config_error(extra: dict[str, object],
 
 
 def test_every_built_in_profile_stays_out_of_the_host_pid_namespace() -> None:
-    from safespawn.policy import builtin_profile_names
+    from safespawn.broker.policy import builtin_profile_names
 
     for name in builtin_profile_names():
         p = load_profile(name, None)
@@ -208,7 +208,7 @@ def wait_for_one(f):  # type: ignore[no-untyped-def]
 
 
 def test_a_pid_reaches_a_sidecar_through_its_main_process_or_its_own_pid_namespace_only() -> None:
-    from safespawn.policy import sidecar_for_pid
+    from safespawn.broker.policy import sidecar_for_pid
 
     a, a_main, a_child = _in_own_pid_namespace()
     b, b_main, b_child = _in_own_pid_namespace()

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from safespawn import pidsignal
-from safespawn.pidsignal import Delivery, ProcessIdentity
+from safespawn.broker import pidsignal
+from safespawn.broker.pidsignal import Delivery, ProcessIdentity
 
 CID = "a1e3127aabb0e85c9dc9a9c225edb8ba8145b2da356200173e62c30b4f957be6"
 OTHER = "b" * 64
@@ -184,8 +184,8 @@ def _profile(**extra: object) -> dict[str, object]:
 
 @pytest.mark.parametrize("option", ["--nope", "--key"])
 def test_ready_pid_file_must_name_a_path_option_of_the_profile(option: str) -> None:
+    from safespawn.broker.policy import parse_profile
     from safespawn.errors import ConfigError
-    from safespawn.policy import parse_profile
 
     with pytest.raises(ConfigError, match="ready_pid_file"):
         parse_profile(_profile(ready_pid_file=option), "test")
@@ -200,14 +200,14 @@ def test_ready_pid_file_must_name_a_path_option_of_the_profile(option: str) -> N
 ])
 def test_the_pid_file_is_read_from_the_checked_arguments(option: str, args: tuple[str, ...],
                                                          found: str | None) -> None:
-    from safespawn.policy import parse_profile
+    from safespawn.broker.policy import parse_profile
 
     assert parse_profile(_profile(ready_pid_file=option), "test").pid_file(args) == found
 
 
 def test_only_a_fresh_regular_pid_file_counts_as_ready_never_what_a_link_points_to(tmp_path: Path) -> None:
     """The pid file lies in an agent-writable dir: it is lstat'ed, never followed or opened."""
-    from safespawn.readiness import written_since
+    from safespawn.broker.readiness import written_since
 
     since = time.time()
     fresh = tmp_path / "pid"

@@ -5,7 +5,8 @@ from __future__ import annotations
 import inspect
 
 import safespawn
-from safespawn import client, errors
+from safespawn import errors
+from safespawn.agent import client
 
 PUBLIC = {
     "BadRequest", "ChannelConfig", "ChannelLocked", "ChannelUnsafe", "Config", "ConfigError", "Container", "Engine",
@@ -39,7 +40,7 @@ def test_every_error_is_in_the_tree_errors_py_draws() -> None:
     # NoBroker is the client's (agent side): errors.py draws it but does not import it.
     found = {**vars(client), **vars(errors)}.values()
     classes = [c for c in found if isinstance(c, type) and issubclass(c, Exception)
-               and c.__module__ in ("safespawn.errors", "safespawn.client")]
+               and c.__module__ in ("safespawn.errors", "safespawn.agent.client")]
     assert {c.__name__ for c in classes} == {"SafespawnError", "BadRequest", "PolicyDenied", "NotFound",
                                              "QuotaExceeded", "RuntimeFailed", "Interrupted", "ConfigError",
                                              "ChannelUnsafe", "ChannelLocked", "InstallError", "NoBroker"}

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
+from safespawn.broker.request import normalize_signal, parse_request
 from safespawn.errors import BadRequest
-from safespawn.request import normalize_signal, parse_request
 
 RID = "0123456789abcdef0123456789abcdef"
 

@@ -10,14 +10,14 @@ import json
 
 import pytest
 
-from safespawn import rollout
-from safespawn.audit import AuditLog
+from safespawn.broker import rollout
+from safespawn.broker.audit import AuditLog
+from safespawn.broker.engine import Engine
+from safespawn.broker.sidecar import SidecarSpec
+from safespawn.broker.state import ChannelState, DesiredSidecar
 from safespawn.config import parse_config
-from safespawn.engine import Engine
 from safespawn.errors import RuntimeFailed
 from safespawn.runtime import Container
-from safespawn.sidecar import SidecarSpec
-from safespawn.state import ChannelState, DesiredSidecar
 
 
 class FakeRuntime:

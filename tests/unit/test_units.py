@@ -9,7 +9,7 @@ import pytest
 
 from safespawn.config import parse_config
 from safespawn.errors import ConfigError
-from safespawn.units import InstallError, render_units
+from safespawn.ops.units import InstallError, render_units
 
 
 def units(scope: str = "system", channels_dir: str = "/var/lib/safespawn/channels", **broker: Any) -> dict[str, str]:

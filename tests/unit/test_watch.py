@@ -15,8 +15,8 @@ from pathlib import Path
 
 from support.engine_host import Host
 
-from safespawn import watch as watch_mod
-from safespawn.watch import Inotify, watch
+from safespawn.broker import watch as watch_mod
+from safespawn.broker.watch import Inotify, watch
 
 
 @contextmanager
@@ -109,11 +109,11 @@ def _config(tmp_path: Path, image: str) -> Path:
 
 def test_a_resident_broker_reloads_a_changed_configuration_and_refuses_one_that_does_not_load(
         tmp_path: Path) -> None:
-    from safespawn.config import load_config
-    from safespawn.engine import Engine
-    from safespawn.watch import ConfigFollower
-
     from support.fake_runtime import FakeRuntime
+
+    from safespawn.broker.engine import Engine
+    from safespawn.broker.watch import ConfigFollower
+    from safespawn.config import load_config
 
     def make(cfg):  # type: ignore[no-untyped-def]
         return Engine(cfg, runtime=FakeRuntime())

@@ -20,9 +20,10 @@ from typing import Any
 import pytest
 from support.vermin import VERMIN
 
-from safespawn import client, wrappers
+from safespawn.agent import client
+from safespawn.broker.inbox import create_channel_dirs
 from safespawn.cli import main
-from safespawn.inbox import create_channel_dirs
+from safespawn.ops import wrappers
 
 CLIENT_PY = Path(client.__file__)
 EXPECTED = {
@@ -247,7 +248,7 @@ def test_cli_install_takes_the_channel_dir_from_an_explicit_config_without_touch
 
 
 def test_the_haproxy_wrapper_names_the_configs_pidfile_on_the_command_line(tmp_path):
-    from safespawn import client
+    from safespawn.agent import client
 
     cfg = tmp_path / "net.conf"
     cfg.write_text("global\n    log /dev/log local0 debug\n    pidfile     /var/lib/neutron/external/pids/net.pid\n"
@@ -265,7 +266,7 @@ def test_the_haproxy_wrapper_names_the_configs_pidfile_on_the_command_line(tmp_p
 def test_a_symlinked_inbox_folder_never_makes_the_client_write_elsewhere(tmp_path, swapped):
     """`safespawn submit` runs the client as root on the host: the agent owns inbox/, so it can put a
     symlink in place of inbox/tmp or inbox/new; the client must refuse, not write or rename there."""
-    from safespawn import client
+    from safespawn.agent import client
 
     ch = tmp_path / "ch"
     for d in ("inbox/tmp", "inbox/new", "outbox/replies"):

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from safespawn.pidfiles import PidFileRefused, hand_over_file, hand_over_files
-from safespawn.sidecar import SidecarSpec
+from safespawn.broker.pidfiles import PidFileRefused, hand_over_file, hand_over_files
+from safespawn.broker.sidecar import SidecarSpec
 
 ME = (os.getuid(), os.getgid())
 

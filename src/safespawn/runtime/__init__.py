@@ -14,21 +14,29 @@
 
 `Container` (what a runtime reports) and `SidecarSpec` (what it runs) live in sidecar.py.
 `PodmanRuntime` (podman.py) and `DockerRuntime` (docker.py, with the OCI runtime in ociruntime.py)
-are peers behind it; `make_runtime` picks the engine's from `[broker] runtime`. (adopt.py's `Cli`
-and checks.py choose which CLI to call on their own.) tests/unit/test_public_surface.py pins the
-method set.
+are peers behind it; `make_runtime` picks the engine's from `[broker] runtime`. Every call of the
+podman or docker CLI, theirs and those of ops/adopt.py and ops/doctor.py, goes through one runner,
+`RuntimeCli` (command.py). tests/unit/test_public_surface.py pins the method set.
+
+Every name here is imported on first use (PEP 562), as in the package's own __init__: dockerd execs
+ociruntime.py, which lives here, for every runc call of a Docker sidecar, and importing it must not
+import podman.py, the configuration or tomllib.
 """
 
+from __future__ import annotations
+
+import importlib
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from ..budget import ChannelBudget
-from ..config import BrokerConfig
-from .base import Container, Runtime
-from .podman import PodmanRuntime
-
 if TYPE_CHECKING:
+    from ..broker.budget import ChannelBudget
+    from ..config import BrokerConfig
+    from .base import Container, Runtime
     from .docker import DockerRuntime
+    from .podman import PodmanRuntime
+
+_MODULE_OF = {"Container": "base", "Runtime": "base", "PodmanRuntime": "podman", "DockerRuntime": "docker"}
 
 
 def make_runtime(broker: BrokerConfig, budgets: Mapping[str, ChannelBudget] | None = None) -> Runtime:
@@ -39,15 +47,18 @@ def make_runtime(broker: BrokerConfig, budgets: Mapping[str, ChannelBudget] | No
 
         return DockerRuntime(broker.docker, broker.docker_host, broker.docker_oci_runtime, broker.podman_timeout,
                              budgets)
+    from .podman import PodmanRuntime
+
     return PodmanRuntime(broker.podman, broker.podman_timeout, str(broker.state_dir), budgets)
 
 
 def __getattr__(name: str) -> Any:
-    if name == "DockerRuntime":
-        from .docker import DockerRuntime
-
-        return DockerRuntime
-    raise AttributeError(name)
+    mod = _MODULE_OF.get(name)
+    if mod is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{mod}", __name__), name)
+    globals()[name] = value
+    return value
 
 
 __all__ = ["Container", "DockerRuntime", "PodmanRuntime", "Runtime", "make_runtime"]

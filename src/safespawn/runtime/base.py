@@ -1,14 +1,30 @@
-"""The runtime interface the engine drives. `Container` (what a runtime reports) lives in
-sidecar.py, beside `SidecarSpec` (what it runs), and is re-exported here."""
+"""The runtime interface the engine drives, and what both runtimes share to report a container.
+`Container` (what a runtime reports) lives in broker/sidecar.py, beside `SidecarSpec` (what it
+runs), and is re-exported here."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
-from typing import Protocol
+from datetime import datetime
+from typing import Any, Protocol
 
-from ..sidecar import Container, SidecarSpec
+from ..broker.sidecar import Container, SidecarSpec
 
-__all__ = ["Container", "Runtime"]
+__all__ = ["Container", "Runtime", "unix_seconds"]
+
+_RFC3339 = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.\d+)?(Z|[+-]\d\d:\d\d)")
+
+
+def unix_seconds(value: Any) -> int:
+    """An inspect time (RFC 3339 with nanoseconds, `2026-12-01T20:30:35.953119113Z`, podman's and
+    docker's alike) as the whole unix seconds `podman ps` prints; 0 for anything else, and for
+    docker's "never started" (`0001-01-01T00:00:00Z`)."""
+    m = _RFC3339.fullmatch(str(value or ""))
+    if m is None:
+        return 0
+    tz = "+00:00" if m[2] == "Z" else m[2]
+    return max(0, int(datetime.fromisoformat(m[1] + tz).timestamp()))
 
 
 class Runtime(Protocol):

@@ -15,16 +15,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
 from collections.abc import Mapping, Sequence
-from datetime import datetime
 from typing import Any
 
-from .. import budget
+from ..broker import budget
+from ..broker.sidecar import LABEL_CHANNEL, SidecarSpec
 from ..errors import RuntimeFailed
-from ..ociruntime import ENV_NETNS, ENV_PROFILE
-from ..sidecar import LABEL_CHANNEL, SidecarSpec
-from .base import Container
+from .base import Container, unix_seconds
+from .command import RuntimeCli, docker_env
+from .ociruntime import ENV_NETNS, ENV_PROFILE
 from .podman import limit_args
 
 log = logging.getLogger(__name__)
@@ -76,16 +75,6 @@ def run_argv(spec: SidecarSpec, docker: str = "docker", oci_runtime: str = DEFAU
     return argv + list(spec.entrypoint[1:]) + list(spec.args)
 
 
-def _unix_time(value: Any) -> int:
-    """Docker's RFC 3339 time with nanoseconds ("2026-12-01T19:21:21.273282123Z") in unix seconds."""
-    if not isinstance(value, str) or not value or value.startswith("0001-"):
-        return 0
-    try:
-        return int(datetime.fromisoformat(value[:19] + "+00:00").timestamp())
-    except ValueError:
-        return 0
-
-
 def _container(r: dict[str, Any]) -> Container:
     st = r.get("State") or {}
     return Container(
@@ -94,7 +83,7 @@ def _container(r: dict[str, Any]) -> Container:
         state=str(st.get("Status", "")).lower(),
         pid=int(st.get("Pid") or 0),
         labels=dict((r.get("Config") or {}).get("Labels") or {}),
-        started=_unix_time(st.get("StartedAt")),
+        started=unix_seconds(st.get("StartedAt")),
         exit_code=int(st.get("ExitCode") or 0),
         restarts=int(r.get("RestartCount") or 0),
         image=str((r.get("Config") or {}).get("Image") or ""),
@@ -104,38 +93,16 @@ def _container(r: dict[str, Any]) -> Container:
 class DockerRuntime:
     def __init__(self, docker: str = "docker", docker_host: str = "", oci_runtime: str = DEFAULT_OCI_RUNTIME,
                  timeout: int = 60, budgets: Mapping[str, budget.ChannelBudget] | None = None) -> None:
-        self.docker = docker
+        self.cli = RuntimeCli("docker", docker, timeout, docker_env(docker_host))
         self.budgets = dict(budgets or {})
         self._cgroup_host: budget.CgroupHost | None = None
         self.oci_runtime = oci_runtime
-        self.timeout = timeout
-        self.env = dict(os.environ)
-        if docker_host:
-            self.env["DOCKER_HOST"] = docker_host
-
-    def _run(self, args: list[str], timeout: float | None = None, check: bool = True) -> str:
-        return self._call(args, timeout, check).stdout
-
-    def _call(self, args: list[str], timeout: float | None = None,
-              check: bool = True) -> subprocess.CompletedProcess[str]:
-        argv = [self.docker, *args]
-        try:
-            p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout or self.timeout,
-                               check=False, stdin=subprocess.DEVNULL, env=self.env)
-        except subprocess.TimeoutExpired:
-            raise RuntimeFailed(f"docker {args[0]} timed out after {timeout or self.timeout}s") from None
-        except OSError as e:
-            raise RuntimeFailed(f"cannot run docker: {e}") from None
-        if check and p.returncode != 0:
-            err = (p.stderr.strip() or p.stdout.strip()).splitlines()
-            raise RuntimeFailed(f"docker {args[0]} failed (rc {p.returncode}): {' '.join(err[-3:])[:500]}")
-        return p
 
     def _inspect_rows(self, refs: Sequence[str]) -> list[dict[str, Any]]:
         if not refs:
             return []
         # A missing name makes docker exit 1 but still print the others.
-        p = self._call(["container", "inspect", "--format={{json .}}", "--", *refs], check=False)
+        p = self.cli.call(["container", "inspect", "--format={{json .}}", "--", *refs], check=False)
         rows = []
         for line in p.stdout.splitlines():
             if not line.strip():
@@ -152,7 +119,7 @@ class DockerRuntime:
 
     def list(self, channel: str | None = None) -> list[Container]:
         flt = f"label={LABEL_CHANNEL}={channel}" if channel else f"label={LABEL_CHANNEL}"
-        ids = self._run(["ps", "--all", "--quiet", "--no-trunc", f"--filter={flt}"]).split()
+        ids = self.cli.output(["ps", "--all", "--quiet", "--no-trunc", f"--filter={flt}"]).split()
         # A container removed between the two calls is simply not listed.
         return [_container(r) for r in self._inspect_rows(ids)]
 
@@ -161,13 +128,13 @@ class DockerRuntime:
 
     def run(self, spec: SidecarSpec) -> str:
         parent = self.cgroup_parent(spec.channel)
-        return self._run(run_argv(spec, self.docker, self.oci_runtime, parent)[1:]).strip()
+        return self.cli.output(run_argv(spec, self.cli.argv0, self.oci_runtime, parent)[1:]).strip()
 
     @property
     def cgroup_host(self) -> budget.CgroupHost:
         """dockerd's cgroup driver and version (`docker info`), asked once."""
         if self._cgroup_host is None:
-            out = self._run(["info", "--format={{json .CgroupDriver}} {{json .CgroupVersion}}"]).split()
+            out = self.cli.output(["info", "--format={{json .CgroupDriver}} {{json .CgroupVersion}}"]).split()
             driver, version = (json.loads(v) for v in out[:2]) if len(out) >= 2 else ("", "")
             if driver not in ("cgroupfs", "systemd") or str(version) not in ("1", "2"):
                 raise RuntimeFailed(f"docker info names no cgroup driver/version: {out[:2]}")
@@ -185,22 +152,22 @@ class DockerRuntime:
         return 0  # `docker run` writes no pid file: the start is checked with `docker inspect`
 
     def signal(self, name: str, signal: str) -> None:
-        self._run(["kill", f"--signal={signal}", "--", name])
+        self.cli.output(["kill", f"--signal={signal}", "--", name])
 
     def stop(self, name: str, grace: int) -> None:
-        p = self._call(["stop", f"--time={grace}", "--", name], timeout=grace + self.timeout, check=False)
+        p = self.cli.call(["stop", f"--time={grace}", "--", name], timeout=grace + self.cli.timeout, check=False)
         if p.returncode != 0 and "No such container" not in p.stderr:
             raise RuntimeFailed(f"docker stop failed (rc {p.returncode}): {p.stderr.strip()[-300:]}")
         self.remove(name)
 
     def remove(self, name: str) -> None:
-        p = self._call(["rm", "--force", "--", name], check=False)
+        p = self.cli.call(["rm", "--force", "--", name], check=False)
         if p.returncode != 0 and "No such container" not in p.stderr:
             raise RuntimeFailed(f"docker rm failed (rc {p.returncode}): {p.stderr.strip()[-300:]}")
 
     def logs(self, name: str, lines: int = 20) -> str:
         try:
-            p = self._call(["logs", f"--tail={lines}", "--", name], check=False)
+            p = self.cli.call(["logs", f"--tail={lines}", "--", name], check=False)
         except RuntimeFailed:
             return ""
         return (p.stdout + p.stderr).strip()
@@ -210,7 +177,7 @@ class DockerRuntime:
     def check_daemon(self) -> str | None:
         """None if the daemon answers and has the OCI runtime registered, else what is wrong."""
         try:
-            out = self._run(["info", "--format={{json .Runtimes}}"])
+            out = self.cli.output(["info", "--format={{json .Runtimes}}"])
         except RuntimeFailed as e:
             return e.message
         try:
@@ -224,7 +191,7 @@ class DockerRuntime:
 
     def image_exists(self, image: str) -> bool:
         try:
-            return self._call(["image", "inspect", "--format={{.Id}}", "--", image], check=False).returncode == 0
+            return self.cli.call(["image", "inspect", "--format={{.Id}}", "--", image], check=False).returncode == 0
         except RuntimeFailed:
             return False
 
@@ -240,7 +207,7 @@ class DockerRuntime:
                 "--security-opt=no-new-privileges", "--read-only", "--pull=never", "--entrypoint=sleep",
                 image, "30"]
         try:
-            self._run(argv)
+            self.cli.output(argv)
             c = self.inspect([name]).get(name)
             if c is None or not c.running:
                 return "the probe container did not run"

@@ -5,26 +5,24 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import stat
-import subprocess
 import time
 from collections.abc import Mapping, Sequence
-from datetime import datetime
 from typing import Any
 
-from .. import budget
+from ..broker import budget
+from ..broker.pidfiles import read_pid_file
+from ..broker.sidecar import LABEL_CHANNEL, SidecarSpec
 from ..errors import RuntimeFailed
-from ..pidfiles import read_pid_file
-from ..sidecar import LABEL_CHANNEL, SidecarSpec
 from . import conmon
-from .base import Container
+from .base import Container, unix_seconds
+from .command import RuntimeCli
 
 log = logging.getLogger(__name__)
 
 
 def limit_args(spec: SidecarSpec, cgroup_parent: str | None) -> list[str]:
-    """The sidecar's own limits, and the channel's budget cgroup it goes under (safespawn.budget).
+    """The sidecar's own limits, and the channel's budget cgroup it goes under (broker/budget.py).
     `--memory-swap` equal to `--memory`: swap is no way around the memory limit. Docker takes the
     same options (runtime/docker.py)."""
     argv = [
@@ -85,6 +83,18 @@ def run_argv(spec: SidecarSpec, podman: str = "podman", pidfile: str | None = No
     return argv + list(spec.args)
 
 
+def cgroup_host_of(cli: RuntimeCli) -> budget.CgroupHost:
+    """Which cgroup manager and version podman uses (`podman info`: `host.cgroupManager`,
+    `host.cgroupVersion`)."""
+    info = cli.json(["info", "--format=json"])
+    host = (info.get("host") if isinstance(info, dict) else None) or {}
+    manager = str(host.get("cgroupManager") or "")
+    version = str(host.get("cgroupVersion") or "")
+    if manager not in ("cgroupfs", "systemd") or version not in ("v1", "v2"):
+        raise RuntimeFailed(f"podman info names no cgroup manager/version: {manager[:20]!r} {version[:20]!r}")
+    return budget.CgroupHost(manager, int(version[1]))
+
+
 class PodmanRuntime:
     """`pid_dir`: the broker's state dir, in whose channel dirs `podman run --pidfile` leaves the
     new container's host pid, so that a start can be checked through /proc without a `podman
@@ -93,36 +103,20 @@ class PodmanRuntime:
     def __init__(self, podman: str = "podman", timeout: int = 60, pid_dir: str | None = None,
                  budgets: Mapping[str, budget.ChannelBudget] | None = None,
                  cgroup_host: budget.CgroupHost | None = None) -> None:
-        self.podman = podman
-        self.timeout = timeout
+        # Without $INVOCATION_ID, so that podman gives each conmon a cgroup of its own even when the
+        # broker runs as a systemd service (runtime/conmon.py).
+        self.cli = RuntimeCli("podman", podman, timeout, conmon.podman_env())
         self.pid_dir = pid_dir
         # channel -> its budget: each start first makes the channel's parent cgroup hold it.
         self.budgets = dict(budgets or {})
         self._cgroup_host = cgroup_host
         self._pids: dict[str, int] = {}
         self._ready: set[str] = set()
-        # Without $INVOCATION_ID, so that podman gives each conmon a cgroup of its own even when the
-        # broker runs as a systemd service (runtime/conmon.py).
-        self._env = conmon.podman_env()
         self._cgroup_mounts: dict[str, str] | None = None
-
-    def _run(self, args: list[str], timeout: float | None = None, check: bool = True) -> str:
-        argv = [self.podman, *args]
-        try:
-            p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout or self.timeout,
-                               check=False, stdin=subprocess.DEVNULL, env=self._env)
-        except subprocess.TimeoutExpired:
-            raise RuntimeFailed(f"podman {args[0]} timed out after {timeout or self.timeout}s") from None
-        except OSError as e:
-            raise RuntimeFailed(f"cannot run podman: {e}") from None
-        if check and p.returncode != 0:
-            err = (p.stderr.strip() or p.stdout.strip()).splitlines()
-            raise RuntimeFailed(f"podman {args[0]} failed (rc {p.returncode}): {' '.join(err[-3:])[:500]}")
-        return p.stdout
 
     def list(self, channel: str | None = None) -> list[Container]:
         flt = f"label={LABEL_CHANNEL}={channel}" if channel else f"label={LABEL_CHANNEL}"
-        out = self._run(["ps", "--all", "--no-trunc", "--format=json", f"--filter={flt}"])
+        out = self.cli.output(["ps", "--all", "--no-trunc", "--format=json", f"--filter={flt}"])
         try:
             rows: list[dict[str, Any]] = json.loads(out or "[]")
         except ValueError as e:
@@ -146,7 +140,7 @@ class PodmanRuntime:
         if not names:
             return {}
         # A missing name makes podman exit non-zero but still print the others.
-        out = self._run(["container", "inspect", "--format=json", "--", *names], check=False)
+        out = self.cli.call(["container", "inspect", "--format=json", "--", *names], check=False).stdout
         try:
             rows: list[dict[str, Any]] = json.loads(out or "[]")
         except ValueError as e:
@@ -163,7 +157,7 @@ class PodmanRuntime:
                 labels=dict((r.get("Config") or {}).get("Labels") or {}),
                 exit_code=int(st.get("ExitCode") or 0),
                 restarts=int(r.get("RestartCount") or 0),
-                started=_unix_seconds(st.get("StartedAt")),
+                started=unix_seconds(st.get("StartedAt")),
             )
         return result
 
@@ -171,7 +165,7 @@ class PodmanRuntime:
         self._pids.pop(spec.name, None)
         pidfile = self._pidfile(spec)
         parent = self.cgroup_parent(spec.channel)
-        cid = self._run(run_argv(spec, self.podman, pidfile, parent)[1:]).strip()
+        cid = self.cli.output(run_argv(spec, self.cli.argv0, pidfile, parent)[1:]).strip()
         self._release_conmon()
         if pidfile is not None and self.pid_dir is not None:
             # Walked to from the state dir without following a link; a plain, singly linked file.
@@ -189,7 +183,7 @@ class PodmanRuntime:
     @property
     def cgroup_host(self) -> budget.CgroupHost:
         if self._cgroup_host is None:
-            self._cgroup_host = budget.cached_detect(self.podman, self.pid_dir, self.timeout)
+            self._cgroup_host = budget.cached_detect(self.cli.argv0, self.pid_dir, lambda: cgroup_host_of(self.cli))
         return self._cgroup_host
 
     def cgroup_parent(self, channel: str) -> str | None:
@@ -247,16 +241,16 @@ class PodmanRuntime:
                 pass
 
     def signal(self, name: str, signal: str) -> None:
-        self._run(["kill", f"--signal={signal}", "--", name])
+        self.cli.output(["kill", f"--signal={signal}", "--", name])
 
     def stop(self, name: str, grace: int) -> None:
-        self._run(["stop", f"--time={grace}", "--ignore", "--", name], timeout=grace + self.timeout)
+        self.cli.output(["stop", f"--time={grace}", "--ignore", "--", name], timeout=grace + self.cli.timeout)
         self.remove(name)
 
     def remove(self, name: str) -> None:
         self._forget_pidfile(name)
         try:
-            self._run(["rm", "--force", "--ignore", "--time=0", "--", name])
+            self.cli.output(["rm", "--force", "--ignore", "--time=0", "--", name])
         except RuntimeFailed as e:
             # Seen under load: a container that podman's restart policy is restarting stops
             # between rm's check and its kill ("container state improper: stopped"); a second
@@ -264,25 +258,11 @@ class PodmanRuntime:
             if "state improper" not in e.message:
                 raise
             time.sleep(0.2)
-            self._run(["rm", "--force", "--ignore", "--time=0", "--", name])
+            self.cli.output(["rm", "--force", "--ignore", "--time=0", "--", name])
 
     def logs(self, name: str, lines: int = 20) -> str:
         try:
-            p = subprocess.run([self.podman, "logs", f"--tail={lines}", "--", name], capture_output=True,
-                               text=True, timeout=self.timeout, check=False, stdin=subprocess.DEVNULL,
-                               env=self._env)
-        except (OSError, subprocess.TimeoutExpired):
+            p = self.cli.call(["logs", f"--tail={lines}", "--", name], check=False)
+        except RuntimeFailed:
             return ""
         return (p.stdout + p.stderr).strip()
-
-
-_RFC3339 = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.\d+)?(Z|[+-]\d\d:\d\d)")
-
-
-def _unix_seconds(value: Any) -> int:
-    """inspect's `2026-12-01T20:30:35.953119113Z` as the whole unix seconds `ps` prints; 0 if not that."""
-    m = _RFC3339.fullmatch(str(value or ""))
-    if m is None:
-        return 0
-    tz = "+00:00" if m[2] == "Z" else m[2]
-    return int(datetime.fromisoformat(m[1] + tz).timestamp())

@@ -50,10 +50,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from ..config import ChannelConfig, Config
+from ..errors import BadRequest, ConfigError, Interrupted, NotFound, PolicyDenied, QuotaExceeded
 from . import pidfiles
 from .budget import parse_size
-from .config import ChannelConfig, Config
-from .errors import BadRequest, ConfigError, Interrupted, NotFound, PolicyDenied, QuotaExceeded
 from .request import SIGNALS, Request, has_control_char
 from .sidecar import LABEL_PROFILE, Container, SidecarSpec, sidecar_name
 from .state import DesiredSidecar, LedgerEntry
@@ -490,7 +490,7 @@ def parse_profile(data: dict[str, Any], where: str) -> Profile:
 
 
 def builtin_profile_names() -> list[str]:
-    return sorted(f.name.removesuffix(".toml") for f in resources.files("safespawn.profiles").iterdir()
+    return sorted(f.name.removesuffix(".toml") for f in resources.files("safespawn.broker.profiles").iterdir()
                   if f.name.endswith(".toml"))
 
 
@@ -504,7 +504,7 @@ def load_profile(name: str, override_dir: Path | None) -> Profile:
                     return parse_profile(tomllib.load(f), str(path))
                 except tomllib.TOMLDecodeError as e:
                     raise ConfigError(f"{path}: {e}") from None
-    res = resources.files("safespawn.profiles").joinpath(f"{name}.toml")
+    res = resources.files("safespawn.broker.profiles").joinpath(f"{name}.toml")
     if not res.is_file():
         raise ConfigError(f"no profile named {name!r}")
     return parse_profile(tomllib.loads(res.read_text()), f"built-in profile {name}")
@@ -816,7 +816,9 @@ class Policy:
             os.close(open_netns(self.netns_dir, netns, self.host_ns))
         return os.path.join(self.netns_dir, netns)
 
-    def sidecar_key(self, profile: Profile, netns: str | None, seen: dict[str, list[str]]) -> str:
+    def key_for(self, profile: Profile, netns: str | None, seen: dict[str, list[str]]) -> str:
+        """The key a start's sidecar is named by (`sidecar.sidecar_name`): its netns, or a hash of the one
+        value of the profile's `key_from` option."""
         if netns is not None:
             return netns
         values = seen.get(profile.key_from)
@@ -862,7 +864,7 @@ class Policy:
                 raise PolicyDenied(f"{profile.netns_option} must be given once and name the sidecar's netns "
                                    f"({netns})")
         netns_path = self.check_netns(profile, netns, resolve)
-        key = self.sidecar_key(profile, netns, seen)
+        key = self.key_for(profile, netns, seen)
         uid, gid = sidecar_user(channel, profile)
         caps = profile.capabilities
         writable: tuple[str, ...] = ()

@@ -16,11 +16,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import Config
-from .errors import ExitCode, InstallError, RuntimeFailed
-from .files import atomic_write, open_dir
-from .inbox import ChannelDir, channel_layout, create_channel_dirs
-from .state import ChannelState
+from ..broker.files import atomic_write, open_dir
+from ..broker.inbox import ChannelDir, channel_layout, create_channel_dirs
+from ..broker.state import ChannelState
+from ..config import Config
+from ..errors import ExitCode, InstallError, RuntimeFailed
 from .units import (
     MARKER,
     RECONCILE_TIMER,
@@ -271,7 +271,7 @@ def _activate(channels: list[str], changed: set[str], scope: str, report: Report
 
 
 def _stop_sidecars(cfg: Config, channel: str, report: Report) -> int:
-    from .runtime import make_runtime
+    from ..runtime import make_runtime
 
     runtime = make_runtime(cfg.broker)
     containers = runtime.list(channel)
@@ -352,7 +352,7 @@ def uninstall(cfg: Config, *, scope: str | None, unit_dir: Path | None, stop_sid
             failed += _stop_sidecars(cfg, ch, report)
         else:
             try:
-                from .runtime import make_runtime
+                from ..runtime import make_runtime
 
                 n = len(make_runtime(b).list(ch))
             except RuntimeFailed:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import BadRequest, ChannelUnsafe, QuotaExceeded
+from ..errors import BadRequest, ChannelUnsafe, QuotaExceeded
 from .files import atomic_write, fsync_dir, open_dir
 
 REQUEST_NAME_RE = re.compile(r"([0-9a-f]{32})\.json")

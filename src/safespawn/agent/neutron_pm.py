@@ -38,7 +38,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 try:
     import safespawn_client as client  # beside the wrappers, in the agent image
 except ImportError:  # inside the safespawn package (tests, tools)
-    from safespawn import client
+    from safespawn.agent import client
 
 CHANNEL_DIR_ENV = "SAFESPAWN_CHANNEL_DIR"
 STATUS_MAX_BYTES = 4 << 20  # a status of 10,000 sidecars is ~3 MB

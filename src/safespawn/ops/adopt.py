@@ -37,20 +37,20 @@ import logging
 import os
 import re
 import stat
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from . import client
-from .config import ChannelConfig, Config
-from .errors import RuntimeFailed, SafespawnError
-from .files import atomic_write, open_dir, write_all
-from .policy import Policy
-from .request import Request
-from .sidecar import LABEL_CHANNEL
+from ..agent import client
+from ..broker.files import atomic_write, open_dir, write_all
+from ..broker.policy import Policy
+from ..broker.request import Request
+from ..broker.sidecar import LABEL_CHANNEL
+from ..config import ChannelConfig, Config
+from ..errors import RuntimeFailed, SafespawnError
+from ..runtime.command import RuntimeCli
 
 log = logging.getLogger(__name__)
 
@@ -100,38 +100,19 @@ class Network:
 
 # -- reading the legacy containers --------------------------------------------------------------------
 
-class Cli:
+class Cli(RuntimeCli):
     """The configured runtime's CLI (podman or docker, with DOCKER_HOST from the config), as adopt uses it.
 
     One code path for both: only the commands and flags the two CLIs share are used, and their JSON
     differences are handled in `rows` (docker ps has no JSON list, so ids + one inspect, as
-    runtime/docker.py lists; docker prints "/name", podman "name").
+    runtime/docker.py lists; docker prints "/name", podman "name"). Every call goes through
+    RuntimeCli.call, as the runtimes' own.
     """
-
-    def __init__(self, argv0: str, env: dict[str, str] | None = None, timeout: float = 60) -> None:
-        self.argv0, self.env, self.timeout = argv0, env, timeout
-        self.kind = "docker" if env is not None else "podman"
 
     @classmethod
     def from_config(cls, config: Config) -> Cli:
-        b = config.broker
-        if b.runtime == "docker":
-            env = dict(os.environ)
-            if b.docker_host:
-                env["DOCKER_HOST"] = b.docker_host
-            return cls(b.docker, env, b.podman_timeout)
-        return cls(b.podman, None, b.podman_timeout)
-
-    def call(self, args: list[str], timeout: float | None = None,
-             check: bool = True) -> subprocess.CompletedProcess[str]:
-        try:
-            p = subprocess.run([self.argv0, *args], capture_output=True, text=True, timeout=timeout or self.timeout,
-                               check=False, stdin=subprocess.DEVNULL, env=self.env)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            raise RuntimeFailed(f"{self.kind} {args[0]}: {e}") from None
-        if check and p.returncode != 0:
-            raise RuntimeFailed(f"{self.kind} {args[0]} failed (rc {p.returncode}): {p.stderr.strip()[-300:]}")
-        return p
+        c = RuntimeCli.configured(config.broker)
+        return cls(c.kind, c.argv0, c.timeout, c.env)
 
     def rows(self) -> list[dict[str, Any]]:
         """`container inspect` of every container, with Name without docker's leading "/"."""
@@ -497,8 +478,8 @@ def _adopt_lock(path: str) -> Any:
 
 def adopt_command(cfg: Config, channel: ChannelConfig, source: str, dry_run: bool, as_json: bool) -> int:
     """`safespawn adopt`: run (or plan) the adoption and print its result; returns the exit code."""
-    from .engine import Engine
-    from .errors import ExitCode
+    from ..broker.engine import Engine
+    from ..errors import ExitCode
 
     adoption = Adoption(cfg, channel, Engine(cfg), flavor=source)
     try:

@@ -25,7 +25,7 @@ What is exported (docs/operations.md has alert examples):
     safespawn_syncs_total{channel,result}                  counter; result = ok | failed
     safespawn_last_success_timestamp_seconds{channel}      gauge, unix time of the last good sync
     safespawn_budget_memory_bytes{channel}                 gauge, the channel's sidecars' memory now
-    safespawn_budget_memory_limit_bytes{channel}           gauge, its budget (safespawn.budget)
+    safespawn_budget_memory_limit_bytes{channel}           gauge, its budget (budget.py)
     safespawn_budget_tasks{channel}, _tasks_limit          gauges, processes and threads, and the budget
     safespawn_budget_cpu_seconds_total{channel}            counter, CPU time used (since the cgroup was made)
     safespawn_budget_cpu_throttled_seconds_total{channel}  counter, time held back by the CPU budget
@@ -57,7 +57,7 @@ STATE_FILE = "metrics.json"
 
 
 @dataclass(frozen=True)
-class Outcome:
+class ReplyObservation:
     """One answered inbox entry, as the engine saw it."""
 
     op: str  # start | signal | stop | unknown (not parsed)
@@ -153,7 +153,7 @@ class SyncObservation:
     ok: bool
     duration: float
     finished: float
-    outcomes: tuple[Outcome, ...] = ()
+    replies: tuple[ReplyObservation, ...] = ()
     respawns: int = 0
     respawn_failures: int = 0
     runtime_restarts: int = 0
@@ -163,7 +163,7 @@ class SyncObservation:
 
 
 def update(m: ChannelMetrics, obs: SyncObservation) -> None:
-    for o in obs.outcomes:
+    for o in obs.replies:
         key = f"{o.op}|{o.decision}|{o.code}"
         m.requests[key] = m.requests.get(key, 0) + 1
         if o.latency is not None:

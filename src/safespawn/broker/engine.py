@@ -23,7 +23,7 @@ One sync of a channel, under its lock, in phases that each hand a typed value to
                  allows, roll outdated ones (rollout.py), remove orphans and leftovers
     status       outbox/status.json
 
-The runtime's listing of the channel (`Snapshot`) is taken only when a round or reconcile needs it;
+The runtime's listing of the channel (`Listing`) is taken only when a round or reconcile needs it;
 a quick sync of a converged channel lists nothing. A runtime failure makes it stale, and the next
 use lists again.
 
@@ -43,27 +43,16 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from ..config import ChannelConfig, Config
+from ..errors import BadRequest, ChannelUnsafe, ErrorCode, RuntimeFailed, SafespawnError
+from ..runtime import Container, Runtime, make_runtime
 from . import metrics, pidsignal, rollout
 from .audit import AuditLog
-from .config import ChannelConfig, Config
-from .errors import BadRequest, ChannelUnsafe, ErrorCode, RuntimeFailed, SafespawnError
 from .inbox import ChannelDir, Entry
 from .pidfiles import PidFileKeeper
-from .policy import (
-    ChannelView,
-    Decision,
-    IdVerdict,
-    Policy,
-    Remove,
-    Signal,
-    Start,
-    Stop,
-    flood_excess,
-    judge_id,
-)
+from .policy import ChannelView, Decision, IdVerdict, Policy, Remove, Signal, Start, Stop, flood_excess, judge_id
 from .readiness import written_since
 from .request import Reply, Request, parse_request
-from .runtime import Container, Runtime, make_runtime
 from .sidecar import LABEL_CHANNEL, LABEL_KEY, LABEL_NETNS, LABEL_PROFILE, LABEL_SPEC, SidecarSpec, sidecar_key
 from .state import ChannelState, Claim, DesiredSidecar, Done
 
@@ -91,7 +80,7 @@ class SyncResult:
     removed: int = 0
     errors: list[str] = field(default_factory=list)
     # For metrics: what each answered entry was, failed respawns, the sidecars' (profile, state).
-    outcomes: list[metrics.Outcome] = field(default_factory=list)
+    replies: list[metrics.ReplyObservation] = field(default_factory=list)
     respawn_failed: int = 0
     runtime_restarts: int = 0  # restarts by the runtime's restart policy this sync noticed
     sidecars: list[tuple[str, str]] | None = None
@@ -101,7 +90,7 @@ class SyncResult:
     def observation(self, duration: float) -> metrics.SyncObservation:
         """What metrics records of this sync (metrics.py takes the observation, not the result)."""
         return metrics.SyncObservation(
-            ok=self.ok, duration=duration, finished=time.time(), outcomes=tuple(self.outcomes),
+            ok=self.ok, duration=duration, finished=time.time(), replies=tuple(self.replies),
             respawns=self.respawned, respawn_failures=self.respawn_failed,
             runtime_restarts=self.runtime_restarts, pending=self.deferred,
             sidecars=None if self.sidecars is None else tuple(self.sidecars),
@@ -170,7 +159,7 @@ class Outcome:
     started: bool = False
 
 
-class Snapshot:
+class Listing:
     """The channel's containers during one sync: listed when first needed, then kept up to date
     with what the sync did. After a runtime failure the effect is unknown, so the next use lists again."""
 
@@ -206,7 +195,7 @@ class _Sync:
     state: ChannelState
     audit: AuditLog
     result: SyncResult
-    snapshot: Snapshot
+    listing: Listing
     quick: bool = False  # trust the recorded processes: no listing while they all verify
     channel_netns_dir: str = "/run/netns"
     alive_seen: dict[pidsignal.ProcessIdentity, bool] = field(default_factory=dict)
@@ -243,7 +232,7 @@ def _quarantine(s: _Sync, chan: ChannelDir, entry: Entry, rid: str | None, reaso
     where = chan.quarantine(entry)
     s.audit.record("quarantine", rid, reason, code=code, file=where)
     s.result.quarantined += 1
-    s.result.outcomes.append(metrics.Outcome("unknown", "quarantined", code, _age(entry) if replied else None))
+    s.result.replies.append(metrics.ReplyObservation("unknown", "quarantined", code, _age(entry) if replied else None))
 
 
 def _age(entry: Entry) -> float | None:
@@ -287,7 +276,7 @@ def intake(s: _Sync, chan: ChannelDir, entries: list[Entry]) -> Intake:
             chan.remove(entry)
             s.audit.record("replay", entry.rid, "answered from the ledger")
             s.result.replayed += 1
-            s.result.outcomes.append(metrics.Outcome("unknown", "replayed", "", _age(entry)))
+            s.result.replies.append(metrics.ReplyObservation("unknown", "replayed", "", _age(entry)))
             continue
         if verdict is IdVerdict.ANSWERED:
             _quarantine(s, chan, entry, entry.rid, "id collides with an earlier request")
@@ -342,7 +331,7 @@ class Actor:
                 return self._one(s, p.incoming, d, containers)
         except SafespawnError as e:
             if isinstance(e, RuntimeFailed):
-                s.snapshot.invalidate()  # what the failed call left behind is unknown
+                s.listing.invalidate()  # what the failed call left behind is unknown
             return Acted(p.incoming, d, Reply.failure(p.incoming.request.id, e.code, e.message))
 
     def _one(self, s: _Sync, i: Incoming, d: Decision, containers: dict[str, Container]) -> Acted:
@@ -573,7 +562,7 @@ def publish(s: _Sync, chan: ChannelDir, answered: list[Answered], outcomes: list
     chan.sync_replies()
     for o in outcomes:
         chan.remove(o.incoming.entry)
-        s.result.outcomes.append(metrics.Outcome(o.incoming.request.op, "allowed" if o.reply.ok else "refused",
+        s.result.replies.append(metrics.ReplyObservation(o.incoming.request.op, "allowed" if o.reply.ok else "refused",
                                                  o.reply.error.code if o.reply.error else "",
                                                  _age(o.incoming.entry)))
     s.result.handled += len(outcomes) + len(answered)
@@ -623,7 +612,7 @@ class Reconciler:
                 s.state.save_desired()
             return
         try:
-            listing = s.snapshot.containers()
+            listing = s.listing.containers()
         except RuntimeFailed as e:
             s.result.errors.append(e.message)
             return
@@ -666,7 +655,7 @@ class Reconciler:
                         changed = True
                 continue
             if c is not None and c.running:
-                # Running, but its image or profile changed: rolled in batches (safespawn.rollout).
+                # Running, but its image or profile changed: rolled in batches (rollout.py).
                 self.pid_files.refresh(s.channel.data_dirs, audit, spec, c.pid)
                 outdated.append((d, spec, c))
                 continue
@@ -690,7 +679,7 @@ class Reconciler:
                               before_run=lambda spec: self.pid_files.hand_over(s.channel.data_dirs, audit, spec))
         if rolled:
             # New containers (the new spec, or the old image after a rollback): new host pids.
-            s.snapshot.invalidate()
+            s.listing.invalidate()
             try:
                 now_running = self.runtime.inspect([r.name for r in rolled])
             except RuntimeFailed as e:
@@ -759,7 +748,7 @@ class Reconciler:
             for n in range(0, len(to_start), chunk):
                 if n and serve is not None:
                     state.save_desired()
-                    s.snapshot.invalidate()
+                    s.listing.invalidate()
                     serve()
                 # A request served meanwhile may have started, replaced or stopped one of these.
                 part = [(d, spec) for d, spec in to_start[n:n + chunk] if state.desired.get(d.name) == d]
@@ -767,7 +756,7 @@ class Reconciler:
                     f.result()
                 for d, _ in part:
                     state.desired[d.name] = d.failed(now)  # a failure until seen running (backoff)
-        s.snapshot.invalidate()
+        s.listing.invalidate()
         # One inspect records the processes the respawned sidecars run as, so that the next syncs
         # (and this one's status) need no listing.
         specs = {d.name: spec for d, spec in to_start}
@@ -813,10 +802,10 @@ class Reconciler:
         try:
             self.runtime.remove(name)
             s.result.removed += 1
-            s.snapshot.forget(name)
+            s.listing.forget(name)
         except RuntimeFailed as e:
             s.result.errors.append(e.message)
-            s.snapshot.invalidate()
+            s.listing.invalidate()
 
 # -- status ------------------------------------------------------------------------------------
 
@@ -911,7 +900,7 @@ class Engine:
         t0 = time.monotonic()
         with ChannelState.locked(str(b.state_dir), name, wait=wait) as state:
             s = _Sync(channel, state, AuditLog(state.audit_path, name), SyncResult(name),
-                      Snapshot(self.runtime, name), quick=not full, channel_netns_dir=str(b.netns_dir))
+                      Listing(self.runtime, name), quick=not full, channel_netns_dir=str(b.netns_dir))
             try:
                 with ChannelDir.of(b.channels_dir, name, state.quarantine_path) as chan:
                     for what, where in chan.repaired:
@@ -928,12 +917,12 @@ class Engine:
                         s.result.ok = True
                         return s.result
                     self.reconciler.reconcile(s, serve=lambda: _Pipeline(self, s, chan).run())
-                    vouched = s.vouched() if not s.snapshot.fetched else {}
-                    if not s.snapshot.fetched and len(vouched) == len(state.desired):
+                    vouched = s.vouched() if not s.listing.fetched else {}
+                    if not s.listing.fetched and len(vouched) == len(state.desired):
                         containers = vouched  # every sidecar verified as recorded: no listing needed
                     else:
                         try:
-                            containers = s.snapshot.containers()
+                            containers = s.listing.containers()
                         except RuntimeFailed:
                             containers = {}
                     st = status_of(name, state, containers, b.reconcile_interval, self.policy, channel)
@@ -964,7 +953,7 @@ class Engine:
         state = ChannelState.of(self.config.broker.state_dir, name)
         state.load()
         try:
-            containers = Snapshot(self.runtime, name).containers()
+            containers = Listing(self.runtime, name).containers()
             # The listing has no restart counts: one inspect of the desired sidecars' containers.
             for n, c in self.runtime.inspect(sorted(n for n in containers if n in state.desired)).items():
                 if n in containers and containers[n].id == c.id:
@@ -1017,7 +1006,7 @@ class Engine:
         s.audit.record("deny", None, f"flood: refused {len(excess)} requests beyond max_pending "
                        f"({s.channel.max_pending})", code="quota")
         s.result.refused += len(excess)
-        s.result.outcomes.extend(metrics.Outcome("unknown", "refused", "quota") for _ in excess)
+        s.result.replies.extend(metrics.ReplyObservation("unknown", "refused", "quota") for _ in excess)
 
     def _complete(self, s: _Sync, chan: ChannelDir, done: list[tuple[list[Outcome], dict[str, Container]]]) -> None:
         """Desired state (durable), then the replies (publish): for the jobs that finished together."""
@@ -1155,7 +1144,7 @@ class _Pipeline:
                 return
             ready, rest = self.held, []
             try:
-                containers = s.snapshot.containers()
+                containers = s.listing.containers()
             except RuntimeFailed as e:
                 # podman itself is broken: answer now rather than leave the agents waiting.
                 s.result.errors.append(e.message)
@@ -1165,7 +1154,7 @@ class _Pipeline:
                 return
             planned = decide(self.e.policy, s, ready, containers)
             # The next round lists afresh: a sidecar may die right after its check.
-            s.snapshot.invalidate()
+            s.listing.invalidate()
         else:
             planned, containers = fast
         self.held = rest

@@ -13,7 +13,7 @@ import signal as _signal
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import BadRequest, ErrorCode
+from ..errors import BadRequest, ErrorCode
 
 PROTOCOL_VERSION = 1
 ID_RE = re.compile(r"[0-9a-f]{32}")

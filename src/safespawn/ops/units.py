@@ -38,8 +38,8 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-from .config import Config
-from .errors import ExitCode, InstallError
+from ..config import Config
+from ..errors import ExitCode, InstallError
 
 log = logging.getLogger(__name__)
 

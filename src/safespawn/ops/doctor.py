@@ -9,7 +9,6 @@ as PID 1 or not, network namespaces); `doctor` prints it with or without a confi
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -19,7 +18,8 @@ from typing import Any
 
 from ..config import Config
 from ..errors import RuntimeFailed
-from .docker import DockerRuntime
+from ..runtime.command import RuntimeCli
+from ..runtime.docker import DockerRuntime
 
 # Names for the probe netns: the first that fits a configured profile's pattern is used.
 PROBE_PREFIXES = ("qdhcp", "qrouter", "snat", "ovnmeta", "fip", "qlbaas")
@@ -46,7 +46,7 @@ def static_checks(cfg: Config) -> list[Check]:
 
 def _probe_profile(cfg: Config) -> tuple[str, str] | None:
     """(profile, netns name) for the probe: a configured profile and a fresh name its pattern accepts."""
-    from ..policy import load_profile
+    from ..broker.policy import load_profile
 
     for ch in cfg.channels.values():
         for pname in ch.profiles:
@@ -98,11 +98,12 @@ def podman_checks(cfg: Config) -> list[Check]:
     name, found = _cli(cfg)
     if found is None:
         return []
-    p = subprocess.run([found, "info", "--format=json"], capture_output=True, text=True, timeout=60, check=False)
-    out = [Check(p.returncode == 0, "podman info works", p.stderr.strip()[-300:])]
+    cli = RuntimeCli("podman", found, 60)
+    info, err = _podman_info(cli)
+    out = [Check(info is not None, "podman info works", err)]
     for ch in cfg.channels.values():
-        q = subprocess.run([found, "image", "exists", ch.image], capture_output=True, timeout=60, check=False)
-        out.append(Check(q.returncode == 0, f"image {ch.image} present (channel {ch.name})",
+        q = _call(cli, ["image", "exists", ch.image])
+        out.append(Check(q is not None and q.returncode == 0, f"image {ch.image} present (channel {ch.name})",
                          f"podman pull or load {ch.image}: sidecars run with --pull=never"))
     return out
 
@@ -139,18 +140,19 @@ def systemd_is_pid1() -> bool:
     return os.path.isdir("/run/systemd/system") and comm == "systemd"
 
 
-def _podman_info(podman: str) -> tuple[dict[str, Any] | None, str]:
+def _call(cli: RuntimeCli, args: list[str]) -> subprocess.CompletedProcess[str] | None:
+    """A call whose exit status is the answer; None when the CLI could not be run at all."""
     try:
-        p = subprocess.run([podman, "info", "--format=json"], capture_output=True, text=True, timeout=60,
-                           check=False, stdin=subprocess.DEVNULL)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return None, str(e)
-    if p.returncode != 0:
-        return None, p.stderr.strip()[-300:]
+        return cli.call(args, check=False)
+    except RuntimeFailed:
+        return None
+
+
+def _podman_info(cli: RuntimeCli) -> tuple[dict[str, Any] | None, str]:
     try:
-        info = json.loads(p.stdout)
-    except ValueError as e:
-        return None, f"podman info printed invalid JSON: {e}"
+        info = cli.json(["info", "--format=json"])
+    except RuntimeFailed as e:
+        return None, e.message
     return (info, "") if isinstance(info, dict) else (None, "podman info printed no object")
 
 
@@ -162,7 +164,7 @@ def host_checks(cfg: Config) -> list[Check]:
                      "mount the cgroup filesystem: podman needs it"))
     name, found = _cli(cfg)
     if cfg.broker.runtime == "podman" and found is not None:
-        info, err = _podman_info(found)
+        info, err = _podman_info(RuntimeCli("podman", found, 60))
         if info is None:
             out.append(Check(False, "podman info works", err))
         else:
@@ -172,10 +174,9 @@ def host_checks(cfg: Config) -> list[Check]:
             out.append(Check(True, f"podman {version}: cgroup manager {host.get('cgroupManager', '?')}, cgroups "
                              f"{host.get('cgroupVersion', '?')}, OCI runtime {oci}"))
     elif cfg.broker.runtime == "docker" and found is not None:
-        d = DockerRuntime(cfg.broker.docker, cfg.broker.docker_host, cfg.broker.docker_oci_runtime,
-                          cfg.broker.podman_timeout)
         try:
-            facts = d._run(["info", "--format={{.ServerVersion}} {{.CgroupDriver}} {{.CgroupVersion}}"]).split()
+            facts = RuntimeCli.configured(cfg.broker).output(
+                ["info", "--format={{.ServerVersion}} {{.CgroupDriver}} {{.CgroupVersion}}"]).split()
         except RuntimeFailed as e:
             facts = []
             out.append(Check(False, "docker info works", e.message))

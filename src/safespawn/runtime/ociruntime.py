@@ -96,9 +96,9 @@ def _env_values(env: list[Any], key: str) -> list[str]:
 
 def netns_fd(config: dict[str, Any]) -> int | None:
     """The checked, open netns the container names, or None if it names none."""
-    from .config import BrokerConfig, config_path, load_config
-    from .errors import ConfigError, SafespawnError
-    from .policy import host_netns_ids, load_profile, open_netns
+    from ..broker.policy import host_netns_ids, load_profile, open_netns
+    from ..config import BrokerConfig, config_path, load_config
+    from ..errors import ConfigError, SafespawnError
 
     process = config.get("process")
     env = process.get("env") if isinstance(process, dict) else None

@@ -32,11 +32,12 @@ import logging
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import RuntimeFailed
+from ..errors import RuntimeFailed
 
 log = logging.getLogger(__name__)
 
@@ -65,28 +66,6 @@ class CgroupHost:
     root: Path = CGROUP_ROOT
 
 
-def detect(podman: str = "podman", timeout: float = 30) -> CgroupHost:
-    """Ask podman which cgroup manager and version it uses (`podman info --format json`)."""
-    try:
-        p = subprocess.run([podman, "info", "--format=json"], capture_output=True, text=True,
-                           timeout=timeout, check=False, stdin=subprocess.DEVNULL)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise RuntimeFailed(f"cannot run podman info: {e}") from None
-    try:
-        host: dict[str, Any] = json.loads(p.stdout or "{}").get("host") or {}
-    except ValueError:
-        host = {}
-    if p.returncode != 0:
-        err = (p.stderr.strip() or p.stdout.strip()).splitlines()
-        raise RuntimeFailed(f"podman info failed (rc {p.returncode}): {' '.join(err[-3:])[:500]}")
-    manager = str(host.get("cgroupManager") or "")
-    version = str(host.get("cgroupVersion") or "")
-    if manager not in ("cgroupfs", "systemd") or version not in ("v1", "v2"):
-        raise RuntimeFailed(f"podman info names no cgroup manager/version (rc {p.returncode}): "
-                            f"{manager[:20]!r} {version[:20]!r}")
-    return CgroupHost(manager, int(version[1]))
-
-
 _CONTAINERS_CONF = ("/usr/share/containers/containers.conf", "/etc/containers/containers.conf",
                     "/etc/containers/containers.conf.d")
 
@@ -103,12 +82,13 @@ def _detect_key(podman: str) -> str:
     return "|".join(parts)
 
 
-def cached_detect(podman: str, cache_dir: str | None, timeout: float = 30) -> CgroupHost:
-    """`detect`, remembered in `cache_dir/cgroup-host.json` (the broker's private state dir) until
-    the boot, the podman binary or a containers.conf changes: `podman info` costs about 0.3 s, and
-    each short-lived sync process that starts a sidecar would pay it."""
+def cached_detect(podman: str, cache_dir: str | None, ask: Callable[[], CgroupHost]) -> CgroupHost:
+    """What `ask` says podman's cgroup manager is (runtime/podman.py, `cgroup_host_of`: `podman info`),
+    remembered in `cache_dir/cgroup-host.json` (the broker's private state dir) until the boot, the
+    podman binary or a containers.conf changes: `podman info` costs about 0.3 s, and each
+    short-lived sync process that starts a sidecar would pay it."""
     if cache_dir is None:
-        return detect(podman, timeout)
+        return ask()
     path = os.path.join(cache_dir, "cgroup-host.json")
     key = _detect_key(podman)
     try:
@@ -118,7 +98,7 @@ def cached_detect(podman: str, cache_dir: str | None, timeout: float = 30) -> Cg
             return CgroupHost(str(d["manager"]), int(d["version"]))
     except (OSError, ValueError, AttributeError):
         pass
-    host = detect(podman, timeout)
+    host = ask()
     try:
         os.makedirs(cache_dir, mode=0o700, exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp"

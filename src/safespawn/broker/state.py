@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .errors import ChannelLocked
+from ..errors import ChannelLocked
 from .files import append_line, atomic_write, open_dir
 from .pidsignal import ProcessIdentity
 

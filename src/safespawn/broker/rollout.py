@@ -28,14 +28,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .errors import RuntimeFailed, SafespawnError
+from ..errors import RuntimeFailed, SafespawnError
 from .files import atomic_write, open_dir
 
 if TYPE_CHECKING:
+    from ..config import ChannelConfig, Config
+    from ..runtime import Container, Runtime
     from .audit import AuditLog
-    from .config import ChannelConfig, Config
     from .policy import Policy
-    from .runtime import Container, Runtime
     from .sidecar import SidecarSpec
     from .state import ChannelState, DesiredSidecar
 
@@ -206,7 +206,7 @@ def describe(policy: Policy, channel: ChannelConfig, state: ChannelState,
 
 def rollout_command(cfg: Config, channel: ChannelConfig, pause: bool, resume: bool) -> int:
     """`safespawn rollout CH [--pause|--resume]`: hold, continue or show a channel's rollout."""
-    from .errors import ExitCode
+    from ..errors import ExitCode
     from .state import ChannelState
 
     with ChannelState.locked(str(cfg.broker.state_dir), channel.name) as state:

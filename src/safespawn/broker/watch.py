@@ -43,8 +43,8 @@ import time
 from collections.abc import Callable, Iterable
 from types import FrameType
 
+from ..config import load_config
 from . import pidsignal
-from .config import load_config
 from .engine import Engine
 from .inbox import ChannelDir, create_channel_dirs
 from .state import ChannelState
