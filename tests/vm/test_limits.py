@@ -133,7 +133,7 @@ def start(env: dict[str, str], ch: str, ns: str, lua: str) -> dict[str, object]:
 # installed package's own client, as the wrappers use it, one thread per request.
 SUBMIT_MANY = r"""
 import json, sys, threading, time
-from safespawn import client
+from safespawn.agent import client
 jobs = json.load(sys.stdin)
 out = [None] * len(jobs)
 def one(i, j):
