@@ -77,9 +77,7 @@ MAX_LINGER = 30.0
 
 
 def _log_sync(n: str, r: Any, how: str = "") -> None:
-    log.info("sync %s%s: handled %d, refused %d, quarantined %d, replayed %d, deferred %d, respawned %d, "
-             "removed %d", n, how, r.handled, r.refused, r.quarantined, r.replayed, r.deferred, r.respawned,
-             r.removed)
+    log.info("sync %s%s: %s", n, how, r.summary())
     for err in r.errors:
         log.warning("sync %s: %s", n, err)
 

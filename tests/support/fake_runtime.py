@@ -66,9 +66,16 @@ class FakeRuntime:
         operation, or with after=True once it took effect)."""
         self._injections.setdefault(op, []).append(_Injection(error, hook, times, after))
 
-    def crash(self, name: str, exit_code: int = 1) -> None:
+    def crash(self, name: str, exit_code: int = 1, exited_at: int = 0) -> None:
         c = self.containers[name]
-        self.containers[name] = replace(c, state="exited", pid=0, exit_code=exit_code)
+        self.containers[name] = replace(c, state="exited", pid=0, exit_code=exit_code, exited_at=exited_at)
+
+    def restart(self, name: str) -> int:
+        """The runtime's restart policy runs a crashed container again: the same id, a new pid."""
+        c = self.containers[name]
+        pid = self._new_ids()[1]
+        self.containers[name] = replace(c, state="running", pid=pid, restarts=c.restarts + 1)
+        return pid
 
     def set_restarts(self, name: str, restarts: int) -> None:
         self.containers[name] = replace(self.containers[name], restarts=restarts)

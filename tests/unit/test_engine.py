@@ -10,6 +10,7 @@ import json
 import os
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import pytest
 from support.engine_host import CH, Host
 
 from safespawn.agent import client
+from safespawn.broker.engine import RUNTIME_RESTART_GRACE
 from safespawn.broker.request import parse_request
 from safespawn.broker.sidecar import LABEL_CHANNEL
 from safespawn.broker.state import STABLE_AFTER, ChannelState
@@ -234,6 +236,58 @@ def test_a_crash_looping_sidecar_keeps_its_backoff_until_it_has_run_a_while(host
     host.clock.now += STABLE_AFTER
     host.sync()
     assert host.state().desired[name].failures == 0
+
+
+def test_a_sidecar_the_runtime_is_restarting_is_left_to_it_and_its_new_process_recorded(host: Host) -> None:
+    """Seen on a slow host: a sync lists a sidecar in the seconds between its program's death and
+    the runtime's restart (podman's restart policy runs in a `podman container cleanup` process).
+    Respawning it then would remove the container the runtime is starting again; the broker leaves
+    it, and the next sync records the process the runtime started."""
+    host.engine.reconciler.boot_time = 0
+    name = host.ask(host.start("a"))["sidecar"]
+    old_pid = host.rt.containers[name].pid
+    host.rt.crash(name, exit_code=137, exited_at=int(host.clock.now) - 2)
+    runs, removes = host.rt.count("run"), host.rt.count("remove")
+    r = host.sync()
+    assert r.respawned == 0 and r.awaiting_restart == 1 and r.errors == []
+    assert (host.rt.count("run"), host.rt.count("remove")) == (runs, removes)
+    assert host.state().desired[name].failures == 0  # not a failure of the broker's respawn
+    new_pid = host.rt.restart(name)
+    r = host.sync()
+    assert r.respawned == 0 and r.awaiting_restart == 0
+    assert host.running() == [name] and host.rt.containers[name].pid == new_pid != old_pid
+    assert (host.rt.count("run"), host.rt.count("remove")) == (runs, removes)
+    assert host.state().desired[name].failures == 0
+
+
+def test_a_sidecar_the_runtime_did_not_restart_is_respawned_after_the_grace(host: Host) -> None:
+    host.engine.reconciler.boot_time = 0
+    name = host.ask(host.start("a"))["sidecar"]
+    host.rt.crash(name, exit_code=137, exited_at=int(host.clock.now))
+    assert host.sync().awaiting_restart == 1
+    host.clock.now += RUNTIME_RESTART_GRACE - 1
+    assert host.sync().awaiting_restart == 1
+    host.clock.now += 1
+    r = host.sync()
+    assert r.respawned == 1 and r.awaiting_restart == 0 and host.running() == [name]
+
+
+@pytest.mark.parametrize("case", ["retries used", "clean exit", "exited before this boot", "container replaced"])
+def test_a_dead_sidecar_the_runtime_will_not_restart_is_respawned_at_once(host: Host, case: str) -> None:
+    host.engine.reconciler.boot_time = int(host.clock.now) - 100
+    name = host.ask(host.start("a"))["sidecar"]
+    exited_at = int(host.clock.now) - 1
+    if case == "retries used":
+        host.rt.set_restarts(name, 3)  # the profile's restart_retries (the sidecar's --restart=on-failure:3)
+    if case == "exited before this boot":
+        exited_at = host.engine.reconciler.boot_time - 1
+    host.rt.crash(name, exit_code=0 if case == "clean exit" else 1, exited_at=exited_at)
+    if case == "container replaced":  # another container of that name by the time of the inspect
+        listed = host.rt.containers[name]
+        host.rt.inject("inspect", hook=lambda *a: host.rt.containers.__setitem__(
+            name, replace(listed, id="another")))
+    r = host.sync()
+    assert r.respawned == 1 and r.awaiting_restart == 0 and host.running() == [name], case
 
 
 def test_a_sidecar_no_longer_allowed_is_dropped_not_respawned(host: Host) -> None:

@@ -66,6 +66,36 @@ BATCH = 256
 QUICK_CONVERGED_FOR = 1.0
 # The id of a listing entry for a container this batch started (its real id and pid come later).
 STARTED_IN_BATCH = "(started in this batch)"
+# A sidecar that exited this recently (seconds), with a failure, may still be restarted by the
+# runtime's own restart policy (`--restart=on-failure:N`, and podman's is a `podman container
+# cleanup` process that takes seconds on a slow host): the broker leaves it to the runtime meanwhile.
+RUNTIME_RESTART_GRACE = 15
+
+
+def _boot_time() -> int:
+    """This boot's start in unix seconds (/proc/stat btime); 0 if not known."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("btime "):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+_BOOT_TIME = _boot_time()
+
+
+def _may_be_restarting(c: Container, now: float, boot_time: int) -> bool:
+    """Whether the runtime's restart policy may still run this stopped container again: it is
+    restarting (docker says so), or it exited with a failure in this boot and within the grace. A
+    container of an earlier boot is never restarted by the policy (nothing runs it at boot)."""
+    if c.running:
+        return False
+    if c.state == "restarting":
+        return True
+    return c.exit_code != 0 and c.exited_at > boot_time and now - c.exited_at < RUNTIME_RESTART_GRACE
 
 
 @dataclass
@@ -83,9 +113,19 @@ class SyncResult:
     replies: list[metrics.ReplyObservation] = field(default_factory=list)
     respawn_failed: int = 0
     runtime_restarts: int = 0  # restarts by the runtime's restart policy this sync noticed
+    awaiting_restart: int = 0  # exited just now, left to the runtime's restart policy (not respawned)
     sidecars: list[tuple[str, str]] | None = None
     outdated: int = 0
     ok: bool = False  # the sync ran to the end
+
+    def summary(self) -> str:
+        """The one line a sync logs (`safespawn sync`, the resident broker, `watch`)."""
+        line = (f"handled {self.handled}, refused {self.refused}, quarantined {self.quarantined}, "
+                f"replayed {self.replayed}, deferred {self.deferred}, respawned {self.respawned}, "
+                f"removed {self.removed}")
+        if self.awaiting_restart:
+            line += f", left to the runtime's restart {self.awaiting_restart}"
+        return line
 
     def observation(self, duration: float) -> metrics.SyncObservation:
         """What metrics records of this sync (metrics.py takes the observation, not the result)."""
@@ -592,6 +632,7 @@ class Reconciler:
         self.pid_files = pid_files or PidFileKeeper()
         self.workers = max(1, workers)  # parallel respawns, and a rollout batch's parallel replacements
         self.settle_ms = settle_ms
+        self.boot_time = _BOOT_TIME  # containers that exited before it are never restarted by the runtime
 
     def reconcile(self, s: _Sync, serve: Callable[[], None] | None = None) -> None:
         """Respawn desired sidecars that died (with backoff), drop those the policy no longer allows,
@@ -622,6 +663,7 @@ class Reconciler:
         to_start: list[tuple[DesiredSidecar, SidecarSpec]] = []
         outdated: list[tuple[DesiredSidecar, SidecarSpec, Container]] = []
         restarted: list[str] = []
+        awaiting: list[tuple[DesiredSidecar, SidecarSpec, Container]] = []
         for name, d in list(state.desired.items()):
             c = listing.get(name)
             try:
@@ -659,9 +701,14 @@ class Reconciler:
                 self.pid_files.refresh(s.channel.data_dirs, audit, spec, c.pid)
                 outdated.append((d, spec, c))
                 continue
+            if c is not None and _may_be_restarting(c, now, self.boot_time):
+                awaiting.append((d, spec, c))
+                continue
             if now < d.next_retry:
                 continue
             to_start.append((d, spec))
+        if awaiting:
+            to_start += self._not_restarting(s, awaiting, now)
         if restarted and self._count_runtime_restarts(s, restarted):
             changed = True
         for name, c in list(listing.items()):
@@ -695,6 +742,28 @@ class Reconciler:
                         state.desired[r.name] = was.running_as(pidsignal.identify(c.pid, c.id), c.spec_hash,
                                                              c.started)
             state.save_desired()
+
+    def _not_restarting(self, s: _Sync, awaiting: list[tuple[DesiredSidecar, SidecarSpec, Container]],
+                        now: float) -> list[tuple[DesiredSidecar, SidecarSpec]]:
+        """Of the sidecars that just exited with a failure, those the runtime will not restart: its
+        restart policy has used its retries (one inspect: the listing has no restart counts), or the
+        container is gone or another one. The others are left to the runtime: respawning one now would
+        remove the container the runtime is starting again (a second restart, and a failure counted
+        against its backoff). The next sync records the process the runtime started."""
+        try:
+            seen = self.runtime.inspect([d.name for d, _, _ in awaiting])
+        except RuntimeFailed:
+            seen = {}
+        to_start = []
+        for d, spec, c in awaiting:
+            x = seen.get(d.name)
+            if x is not None and x.id == c.id and (x.running or x.state == "restarting"
+                                                   or x.restarts < spec.restart_retries):
+                s.result.awaiting_restart += 1
+                continue
+            if now >= d.next_retry:
+                to_start.append((d, spec))
+        return to_start
 
     def _count_runtime_restarts(self, s: _Sync, names: list[str]) -> bool:
         """Sidecars the runtime's restart policy restarted since the last sync: their restart

@@ -101,6 +101,7 @@ class Container:
     labels: dict[str, str] = field(default_factory=dict)
     started: int = 0  # unix seconds
     exit_code: int = 0
+    exited_at: int = 0  # unix seconds of its last exit; 0 if it never exited (or not known)
     restarts: int = 0  # restarts by the runtime's own restart policy (known from inspect only)
     image: str = ""  # the image reference it was created from (a rollback returns to it)
 

@@ -366,9 +366,8 @@ def _place(notify: Inotify, inboxes: dict[str, str], wds: dict[int, str]) -> tup
 def _sync(engine: Engine, name: str, stop: threading.Event, full: bool = True) -> None:
     try:
         r = engine.sync(name, full=full)
-        if r.handled or r.quarantined or r.replayed or r.respawned or r.removed:
-            log.info("sync %s: handled %d, refused %d, quarantined %d, replayed %d, respawned %d, "
-                     "removed %d", name, r.handled, r.refused, r.quarantined, r.replayed, r.respawned, r.removed)
+        if r.handled or r.quarantined or r.replayed or r.respawned or r.removed or r.awaiting_restart:
+            log.info("sync %s: %s", name, r.summary())
         for err in r.errors:
             log.warning("sync %s: %s", name, err)
     except Exception:  # the watcher must outlive any one failure; the next pass retries

@@ -85,6 +85,7 @@ def _container(r: dict[str, Any]) -> Container:
         labels=dict((r.get("Config") or {}).get("Labels") or {}),
         started=unix_seconds(st.get("StartedAt")),
         exit_code=int(st.get("ExitCode") or 0),
+        exited_at=unix_seconds(st.get("FinishedAt")),
         restarts=int(r.get("RestartCount") or 0),
         image=str((r.get("Config") or {}).get("Image") or ""),
     )

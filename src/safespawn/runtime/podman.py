@@ -132,6 +132,7 @@ class PodmanRuntime:
                 labels=dict(r.get("Labels") or {}),
                 started=int(r.get("StartedAt") or 0),
                 exit_code=int(r.get("ExitCode") or 0),
+                exited_at=max(0, int(r.get("ExitedAt") or 0)),  # never exited: year 1 (negative)
                 image=str(r.get("Image") or ""),
             ))
         return result
@@ -156,6 +157,7 @@ class PodmanRuntime:
                 pid=int(st.get("Pid") or 0),
                 labels=dict((r.get("Config") or {}).get("Labels") or {}),
                 exit_code=int(st.get("ExitCode") or 0),
+                exited_at=unix_seconds(st.get("FinishedAt")),
                 restarts=int(r.get("RestartCount") or 0),
                 started=unix_seconds(st.get("StartedAt")),
             )
