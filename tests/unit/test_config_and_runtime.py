@@ -66,6 +66,9 @@ def test_nothing_from_the_request_goes_before_the_image_except_checked_fused_val
     assert "--entrypoint=[\"dnsmasq\", \"-k\"]" in before
     # The container log is a size-capped file whatever the host's default driver (journald ignores it).
     assert "--log-driver=k8s-file" in before and "--log-opt=max-size=1mb" in before
+    # The profile's tmpfs are the sidecar uid's to write (podman 5 makes /run root's, 755, otherwise).
+    assert [a for a in before if a.startswith("--tmpfs=")] == [
+        f"--tmpfs={d}:rw,nosuid,nodev,noexec,size=16m,mode=1777" for d in spec.tmpfs] and spec.tmpfs
 
 
 @pytest.mark.parametrize("cmdline,netns,argv", [

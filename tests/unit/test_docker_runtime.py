@@ -50,7 +50,7 @@ def test_nothing_from_the_request_goes_before_the_image_in_docker_run():
                 "--cgroupns=private", "--pull=never", "--entrypoint=dnsmasq", "--restart=on-failure:3",
                 f"--env=SAFESPAWN_NETNS={NS}", "--env=SAFESPAWN_PROFILE=dnsmasq",
                 "--mount=type=bind,source=/var/lib/neutron,target=/var/lib/neutron",
-                "--tmpfs=/run:rw,nosuid,nodev,noexec,size=16m"):
+                "--tmpfs=/run:rw,nosuid,nodev,noexec,size=16m,mode=1777"):
         assert opt in before, opt
     assert not any(a.startswith("--network=ns:") or a == "--network=host" for a in before)
 

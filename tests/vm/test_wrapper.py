@@ -94,6 +94,15 @@ def test_start_lease_hup_with_a_new_static_host_and_kill(host: Host, pair: Any, 
     assert c, (pid, containers(CH))
     # Neutron's `active`: the pid file's pid is alive and its command line names the network.
     assert net_id in " ".join(cmdline(pid))
+    # dnsmasq runs as the channel's unprivileged uid and writes its own pid file into its private
+    # /run tmpfs (the policy moved --pid-file there): that tmpfs must be writable to it on podman 5.
+    run = Path(f"/proc/{pid}/root/run")
+    st = run.stat()
+    own = [e.name for e in run.iterdir() if e.name.startswith("safespawn")]
+    run_seen = {"mode": f"{st.st_mode & 0o7777:o}", "owner": st.st_uid, "sidecar_uid": Path(f"/proc/{pid}").stat().st_uid,
+                "entries": own}
+    measure("wrapper-run-tmpfs", **run_seen)
+    assert own, run_seen
     t0 = time.monotonic()
     lease = dhcp_lease(pair.client_ns, pair.client_if, timeout=20)
     took_lease = time.monotonic() - t0

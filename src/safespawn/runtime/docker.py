@@ -54,7 +54,7 @@ def run_argv(spec: SidecarSpec, docker: str = "docker", oci_runtime: str = DEFAU
     if spec.read_only:
         argv.append("--read-only")
     for t in spec.tmpfs:
-        argv.append(f"--tmpfs={t}:rw,nosuid,nodev,noexec,size=16m")
+        argv.append(f"--tmpfs={t}:rw,nosuid,nodev,noexec,size=16m,mode=1777")  # as podman is told
     for d in spec.mounts:
         # nosuid,nodev,noexec: added by the OCI runtime (docker -v cannot say it).
         argv.append(f"--mount=type=bind,source={d},target={d}")

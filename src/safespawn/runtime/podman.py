@@ -64,7 +64,9 @@ def run_argv(spec: SidecarSpec, podman: str = "podman", pidfile: str | None = No
         # for (/var/tmp, without noexec): only the profile's own tmpfs list is writable.
         argv += ["--read-only", "--read-only-tmpfs=false"]
     for t in spec.tmpfs:
-        argv.append(f"--tmpfs={t}:rw,nosuid,nodev,noexec,size=16m")
+        # mode=1777: podman 4 gives a tmpfs 1777, podman 5 gives /run 755 owned by root, where a
+        # sidecar running as its channel's uid cannot write its own pid file.
+        argv.append(f"--tmpfs={t}:rw,nosuid,nodev,noexec,size=16m,mode=1777")
     for d in spec.mounts:
         argv.append(f"--volume={d}:{d}:rw,nosuid,nodev,noexec")
     argv += limit_args(spec, cgroup_parent)
