@@ -716,7 +716,9 @@ def test_memory_a_lua_allocating_past_the_limit_is_killed_inside_its_own_cgroup(
     assert kills, "the Lua allocation was never stopped by the kernel"
     assert all(c == "CONSTRAINT_MEMCG" and memcg.startswith(channel) for c, memcg in kills), kills
     assert killed and all(k.startswith("Memory cgroup out of memory: Killed process") for k in killed), killed
-    assert seen.n["host_oom_kills"] == len(kills) or seen.n["kmsg_lost"], (seen.n["host_oom_kills"], kills)
+    # Every kill the host counted (vmstat, read before the kernel log's reader stopped: the crash loop
+    # goes on meanwhile, so the log may hold a later one too) is one of those above.
+    assert seen.n["host_oom_kills"] <= len(kills) or seen.n["kmsg_lost"], (seen.n["host_oom_kills"], kills)
     # The sidecar's own cgroup (read while it lived: a sidecar's scope goes when it dies): its
     # memory.events counted the kill, its limit is the profile's, its peak grew to at most that.
     assert seen.n["crash_memory_max"] == HAPROXY_MEMORY, seen.n
