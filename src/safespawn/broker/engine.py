@@ -65,7 +65,6 @@ BATCH = 256
 # sync in this process ran to the end less than this many seconds ago.
 QUICK_CONVERGED_FOR = 1.0
 # The id of a listing entry for a container this batch started (its real id and pid come later).
-STARTED_IN_BATCH = "(started in this batch)"
 # A sidecar that exited this recently (seconds), with a failure, may still be restarted by the
 # runtime's own restart policy (`--restart=on-failure:N`, and podman's is a `podman container
 # cleanup` process that takes seconds on a slow host): the broker leaves it to the runtime meanwhile.
@@ -239,6 +238,10 @@ class _Sync:
     quick: bool = False  # trust the recorded processes: no listing while they all verify
     channel_netns_dir: str = "/run/netns"
     alive_seen: dict[pidsignal.ProcessIdentity, bool] = field(default_factory=dict)
+    # What this sync's starts placed in a round's container view until they are verified: a later
+    # request for the same sidecar in that view finds its start under way (the very object; a
+    # listing taken afterwards shows what the container became instead).
+    started: dict[str, Container] = field(default_factory=dict)
 
     def alive(self, ident: pidsignal.ProcessIdentity) -> bool:
         """Whether a recorded process still runs, read from /proc once per sync (a signal re-checks
@@ -379,7 +382,7 @@ class Actor:
         c = containers.get(name)
         rid = i.request.id
         if isinstance(d, Start):
-            if c is not None and c.spec_hash == d.spec.spec_hash and (c.running or c.id == STARTED_IN_BATCH):
+            if c is not None and c.spec_hash == d.spec.spec_hash and (c.running or s.started.get(name) is c):
                 # The same sidecar already runs: nothing to do. Its recorded process, still alive,
                 # answers at once; anything else is inspected (Verifier).
                 rec = s.state.desired.get(name)
@@ -396,7 +399,7 @@ class Actor:
             if cid is None:
                 return Acted(i, d, None)  # it was running already: the Verifier inspects it
             # Later requests for the same sidecar see what was just started.
-            containers[name] = Container(STARTED_IN_BATCH, name, "created", 0, d.spec.labels)
+            containers[name] = s.started[name] = Container(cid, name, "created", 0, d.spec.labels)
             return Acted(i, d, None, started=True, ran_at=ran_at, run_done=run_done,
                          run_done_boot=run_done_boot, container_id=cid,
                          pid=self.runtime.run_pid(name))
@@ -574,7 +577,7 @@ def record_processes(state: ChannelState, outcomes: list[Outcome], containers: d
         if isinstance(d, Start) and o.reply.ok:
             c = containers.get(d.target)
             desired = state.desired.get(d.target)
-            if c is None or desired is None or not c.running or c.id == STARTED_IN_BATCH:
+            if c is None or desired is None or not c.running:
                 continue
             if desired.identity is not None and desired.pid == c.pid and desired.container_id == c.id \
                     and desired.spec_hash == d.spec.spec_hash and desired.started_at == c.started:
@@ -1032,62 +1035,6 @@ class Engine:
         return status_of(name, state, containers, self.config.broker.reconcile_interval, self.policy,
                          self.config.channel(name))
 
-    def _decide_without_listing(self, s: _Sync, incoming: list[Incoming], targets: set[str],
-                                in_flight: Iterable[str] = ()) -> tuple[list[Planned], dict[str, Container]] | None:
-        """The gate's decisions against what the desired state vouches for (recorded processes that
-        still verify; of the requests' `targets` only, so that the reply does not wait for the
-        whole channel's checks), and that view, if that is enough. None when the runtime's listing is needed: a request
-        claimed before a crash (what it did is only known to the runtime), a signal or stop of a
-        pid or name the record does not vouch for.
-
-        A start needs no listing: the quota counts desired sidecars, the same sidecar running as
-        recorded is answered from its record, and a leftover under the name of one that is not
-        desired is found by `run` itself (Actor._run)."""
-        if any(i.interrupted for i in incoming):
-            return None
-        vouched = s.vouched(targets)
-        planned = decide(self.policy, s, incoming, vouched, in_flight)
-        for p in planned:
-            d = p.decision
-            if d is None:
-                if p.refusal is not None and p.refusal.error is not None and \
-                        p.refusal.error.code == ErrorCode.NOT_FOUND.value:
-                    return None  # maybe one the record does not vouch for: ask the runtime
-                continue
-            if d.target not in vouched and (not isinstance(d, Start) or d.target in s.state.desired):
-                return None  # a desired sidecar the record does not vouch for: does it still run?
-        return planned, vouched
-
-    def _refuse_excess(self, s: _Sync, chan: ChannelDir, waiting: int) -> None:
-        """A flood: refuse the newest requests beyond max_pending with `quota`, cheaply."""
-        entries, _ = chan.pending(waiting)
-        excess = [entries[i] for i in flood_excess(s.channel, [e.rid for e in entries], s.state.ledger)]
-        done = []
-        for e in excess:
-            if e.rid is not None:
-                reply = Reply.failure(e.rid, ErrorCode.QUOTA, f"more than {s.channel.max_pending} requests pending")
-                chan.write_reply(reply.to_dict(), fsync=False)
-                done.append(Done(e.rid, "", reply.to_dict()))
-        os.sync()  # one flush for all the refusals instead of one fsync each
-        s.state.complete(done)
-        for e in excess:
-            chan.quarantine(e) if e.rid is None else chan.remove(e)
-        s.audit.record("deny", None, f"flood: refused {len(excess)} requests beyond max_pending "
-                       f"({s.channel.max_pending})", code="quota")
-        s.result.refused += len(excess)
-        s.result.replies.extend(metrics.ReplyObservation("unknown", "refused", "quota") for _ in excess)
-
-    def _complete(self, s: _Sync, chan: ChannelDir, done: list[tuple[list[Outcome], dict[str, Container]]]) -> None:
-        """Desired state (durable), then the replies (publish): for the jobs that finished together."""
-        before = dict(s.state.desired)
-        outcomes = []
-        for outs, containers in done:
-            update_desired(s.state, outs, self.clock())
-            record_processes(s.state, outs, containers)
-            outcomes += outs
-        if s.state.desired != before:
-            s.state.save_desired()
-        publish(s, chan, [], outcomes)
 
 
 # -- drain: the inbox served as a pipeline ---------------------------------------------------------
@@ -1146,7 +1093,7 @@ class _Pipeline:
         s, chan = self.s, self.chan
         entries, waiting = chan.pending(len(self.taken) + min(BATCH, self.budget))
         if first and waiting > s.channel.max_pending:
-            self.e._refuse_excess(s, chan, waiting)
+            self._refuse_excess(waiting)
             entries, waiting = chan.pending(min(BATCH, self.budget))
         new = [e for e in entries if e.name not in self.taken][:self.budget]
         if not new:
@@ -1205,7 +1152,7 @@ class _Pipeline:
                 rest.append(i)
         if not ready and self.jobs:
             return  # everything held waits for a running job
-        fast = self.e._decide_without_listing(s, ready, targets, self.busy) if ready else None
+        fast = self._decide_without_listing(ready, targets, self.busy) if ready else None
         if fast is None:
             # The gate needs the runtime's listing (or a request's sidecar is only known from
             # it): once nothing runs, list once and decide everything held against it.
@@ -1288,7 +1235,67 @@ class _Pipeline:
             self._publish(finished, [o.incoming for outs, _ in finished for o in outs])
 
     def _publish(self, done: list[tuple[list[Outcome], dict[str, Container]]], incoming: list[Incoming]) -> None:
-        self.e._complete(self.s, self.chan, done)
+        self._complete(done)
         for i in incoming:
             self.taken.discard(i.entry.name)
             self.targets.pop(i.entry.name, None)
+
+    def _decide_without_listing(self, incoming: list[Incoming], targets: set[str],
+                                in_flight: Iterable[str] = ()) -> tuple[list[Planned], dict[str, Container]] | None:
+        """The gate's decisions against what the desired state vouches for (recorded processes that
+        still verify; of the requests' `targets` only, so that the reply does not wait for the
+        whole channel's checks), and that view, if that is enough. None when the runtime's listing is needed: a request
+        claimed before a crash (what it did is only known to the runtime), a signal or stop of a
+        pid or name the record does not vouch for.
+
+        A start needs no listing: the quota counts desired sidecars, the same sidecar running as
+        recorded is answered from its record, and a leftover under the name of one that is not
+        desired is found by `run` itself (Actor._run)."""
+        if any(i.interrupted for i in incoming):
+            return None
+        s = self.s
+        vouched = s.vouched(targets)
+        planned = decide(self.e.policy, s, incoming, vouched, in_flight)
+        for p in planned:
+            d = p.decision
+            if d is None:
+                if p.refusal is not None and p.refusal.error is not None and \
+                        p.refusal.error.code == ErrorCode.NOT_FOUND.value:
+                    return None  # maybe one the record does not vouch for: ask the runtime
+                continue
+            if d.target not in vouched and (not isinstance(d, Start) or d.target in s.state.desired):
+                return None  # a desired sidecar the record does not vouch for: does it still run?
+        return planned, vouched
+
+    def _refuse_excess(self, waiting: int) -> None:
+        """A flood: refuse the newest requests beyond max_pending with `quota`, cheaply."""
+        s, chan = self.s, self.chan
+        entries, _ = chan.pending(waiting)
+        excess = [entries[i] for i in flood_excess(s.channel, [e.rid for e in entries], s.state.ledger)]
+        done = []
+        for e in excess:
+            if e.rid is not None:
+                reply = Reply.failure(e.rid, ErrorCode.QUOTA, f"more than {s.channel.max_pending} requests pending")
+                chan.write_reply(reply.to_dict(), fsync=False)
+                done.append(Done(e.rid, "", reply.to_dict()))
+        os.sync()  # one flush for all the refusals instead of one fsync each
+        s.state.complete(done)
+        for e in excess:
+            chan.quarantine(e) if e.rid is None else chan.remove(e)
+        s.audit.record("deny", None, f"flood: refused {len(excess)} requests beyond max_pending "
+                       f"({s.channel.max_pending})", code="quota")
+        s.result.refused += len(excess)
+        s.result.replies.extend(metrics.ReplyObservation("unknown", "refused", "quota") for _ in excess)
+
+    def _complete(self, done: list[tuple[list[Outcome], dict[str, Container]]]) -> None:
+        """Desired state (durable), then the replies (publish): for the jobs that finished together."""
+        s, chan = self.s, self.chan
+        before = dict(s.state.desired)
+        outcomes = []
+        for outs, containers in done:
+            update_desired(s.state, outs, self.e.clock())
+            record_processes(s.state, outs, containers)
+            outcomes += outs
+        if s.state.desired != before:
+            s.state.save_desired()
+        publish(s, chan, [], outcomes)
