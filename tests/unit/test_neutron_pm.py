@@ -256,6 +256,23 @@ def test_the_hook_still_runs_an_images_own_sitecustomize(tmp_path):
     assert out.split() == ["ran", "True"]
 
 
+@pytest.mark.parametrize("body, said", [("raise ValueError('image site broke')\n", "image site broke"),
+                                        ("import no_such_module_of_the_image\n", "no_such_module_of_the_image")])
+def test_an_images_failing_sitecustomize_fails_as_without_the_hook_and_the_hook_still_works(tmp_path, body, said):
+    wrappers.install(str(tmp_path / "w"), "c", "/srv/ch", python=sys.executable)
+    image = tmp_path / "image-site"
+    image.mkdir()
+    (image / "sitecustomize.py").write_text(body)
+    env = dict(os.environ, PYTHONPATH=str(image))
+    code = "import sys; print(any(type(f).__name__ == '_Finder' for f in sys.meta_path))"
+    p = subprocess.run([str(tmp_path / "w" / "safespawn-neutron"), sys.executable, "-c", code],
+                       capture_output=True, text=True, env=env, timeout=30, check=True)
+    assert p.stdout.split() == ["True"]
+    assert "Error in sitecustomize" in p.stderr and said in p.stderr, p.stderr
+    bare = subprocess.run([sys.executable, "-c", "pass"], capture_output=True, text=True, env=env, timeout=30)
+    assert "Error in sitecustomize" in bare.stderr and said in bare.stderr  # what Python says without the hook
+
+
 def test_own_start_counts_until_the_host_publishes_after_it(channel):
     """Between the reply and the next status (same sync), the reply's word stands; then the status's."""
     publish(channel, status([], published=NOW - 1))

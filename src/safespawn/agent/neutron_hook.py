@@ -57,7 +57,9 @@ class _Finder(importlib.abc.MetaPathFinder):
 
 
 def _chain_image_sitecustomize() -> None:
-    """Run the sitecustomize that this one shadows, if the image has one."""
+    """Run the sitecustomize that this one shadows, if the image has one. One that fails fails as
+    it would without this hook: its exception reaches site.py, which prints "Error in
+    sitecustomize" and carries on (the finder above is already in place)."""
     me = sys.modules.get("sitecustomize")
     saved = list(sys.path)
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != HOOK_DIR]
@@ -65,8 +67,9 @@ def _chain_image_sitecustomize() -> None:
         del sys.modules["sitecustomize"]
         try:
             importlib.import_module("sitecustomize")
-        except ImportError:
-            pass
+        except ImportError as e:
+            if e.name != "sitecustomize":
+                raise  # the image's sitecustomize is there, and an import of its own failed
     finally:
         sys.path[:] = saved
         if me is not None:
