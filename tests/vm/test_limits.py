@@ -311,8 +311,7 @@ end)
 def inotify_hog(n: int) -> str:
     """Opens `n` inotify instances, one per process: the image has no program that opens many, and
     dnsmasq opens one at start (for --dhcp-hostsdir) and holds it; a refused one says `failed to
-    create inotify: Too many open files` and exits. (iproute2's `ip netns monitor` would do too, but it
-    also needs /run/netns, which a sidecar may not create.)"""
+    create inotify: Too many open files` and exits. (iproute2's `ip netns monitor` would do too.)"""
     return ("core.register_task(function()\n"
             '  os.execute("mkdir -p /tmp/h; i=0; while [ $i -lt ' + str(n) + ' ]; do '
             '/usr/sbin/dnsmasq -k --port=0 --pid-file --dhcp-hostsdir=/tmp/h >/dev/null & i=$((i+1)); done")\n'
