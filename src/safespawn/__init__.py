@@ -15,10 +15,11 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .agent.client import NoBroker
-    from .broker.engine import Engine, SyncResult
+    from .broker.engine import Engine
     from .broker.policy import Policy, Profile, load_profile
     from .broker.request import Reply, Request, parse_request
     from .broker.sidecar import SidecarSpec
+    from .broker.sync import SyncResult
     from .config import ChannelConfig, Config, load_config, parse_config
     from .errors import (
         BadRequest,
@@ -40,7 +41,8 @@ if TYPE_CHECKING:
 _WHERE = {
     "agent.client": ("NoBroker",),  # the agent side's (agent/client.py); errors.py draws it in the tree
     "config": ("ChannelConfig", "Config", "load_config", "parse_config"),
-    "broker.engine": ("Engine", "SyncResult"),
+    "broker.engine": ("Engine",),
+    "broker.sync": ("SyncResult",),
     "errors": ("BadRequest", "ChannelLocked", "ChannelUnsafe", "ConfigError", "ErrorCode", "ExitCode",
                "InstallError", "Interrupted", "NotFound", "PolicyDenied", "QuotaExceeded",
                "RuntimeFailed", "SafespawnError"),

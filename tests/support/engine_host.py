@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from safespawn.agent import client
-from safespawn.broker.engine import Engine, SyncResult
+from safespawn.broker.engine import Engine
 from safespawn.broker.inbox import create_channel_dirs
 from safespawn.broker.policy import Policy, parse_profile
 from safespawn.broker.state import ChannelState
+from safespawn.broker.sync import SyncResult
 from safespawn.config import parse_config
 from support.fake_runtime import FakeRuntime
 

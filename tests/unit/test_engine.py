@@ -18,7 +18,7 @@ import pytest
 from support.engine_host import CH, Host
 
 from safespawn.agent import client
-from safespawn.broker.engine import RUNTIME_RESTART_GRACE
+from safespawn.broker.reconcile import RUNTIME_RESTART_GRACE
 from safespawn.broker.request import parse_request
 from safespawn.broker.sidecar import LABEL_CHANNEL
 from safespawn.broker.state import STABLE_AFTER, ChannelState

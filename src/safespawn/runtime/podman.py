@@ -100,7 +100,7 @@ def cgroup_host_of(cli: RuntimeCli) -> budget.CgroupHost:
 class PodmanRuntime:
     """`pid_dir`: the broker's state dir, in whose channel dirs `podman run --pidfile` leaves the
     new container's host pid, so that a start can be checked through /proc without a `podman
-    inspect` (engine.Verifier); None: no pid files, every start is inspected."""
+    inspect` (act.Verifier); None: no pid files, every start is inspected."""
 
     def __init__(self, podman: str = "podman", timeout: int = 60, pid_dir: str | None = None,
                  budgets: Mapping[str, budget.ChannelBudget] | None = None,
