@@ -21,7 +21,6 @@ from .sidecar import SidecarSpec, sidecar_key
 from .state import ChannelState, DesiredSidecar
 from .sync import SyncContext
 
-# The id of a listing entry for a container this batch started (its real id and pid come later).
 # A sidecar that exited this recently (seconds), with a failure, may still be restarted by the
 # runtime's own restart policy (`--restart=on-failure:N`, and podman's is a `podman container
 # cleanup` process that takes seconds on a slow host): the broker leaves it to the runtime meanwhile.
