@@ -100,6 +100,30 @@ def test_watch_drains_a_backlog_beyond_the_per_run_limit(tmp_path: Path) -> None
         wait_for(lambda: all(host.reply(r) is not None for r in rids), 10)
 
 
+def test_a_request_sent_right_after_a_reply_is_served_without_the_pause(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """An agent's next request often arrives while the sync that answered its last one still runs
+    (the reply goes out before the reconcile): the watch syncs again at once after a sync that
+    answered something, and pauses (AGAIN_PAUSE) only after one that did not."""
+    monkeypatch.setattr(watch_mod, "AGAIN_PAUSE", 3.0)
+    host = Host(tmp_path)
+    sync = host.engine.sync
+    chain = [host.start(f"k{i}") for i in range(1, 4)]
+    rids: list[str] = []
+
+    def sync_then_a_request_arrives(name: str, **kw: object):  # type: ignore[no-untyped-def]
+        r = sync(name, **kw)  # type: ignore[arg-type]
+        if r.handled and chain:
+            rids.append(host.write(chain.pop(0)))  # written before this sync returned
+        return r
+
+    monkeypatch.setattr(host.engine, "sync", sync_then_a_request_arrives)
+    with watching(host, interval=60, reconcile_interval=3600):
+        time.sleep(0.3)
+        rids.append(host.write(host.start("k0")))
+        took = wait_for(lambda: len(rids) == 4 and all(host.reply(r) is not None for r in rids), 10)
+    assert took < 2.0, took  # three pauses would take 9 s
+
+
 def _config(tmp_path: Path, image: str) -> Path:
     p = tmp_path / "safespawn.toml"
     p.write_text(f'[broker]\nchannels_dir = "{tmp_path}/channels"\nstate_dir = "{tmp_path}/state"\n'

@@ -289,12 +289,13 @@ def watch(engine: Engine, interval: float = 0.05, reconcile_interval: float | No
             full = time.monotonic() >= next_full
             if full:
                 due = set(inboxes)
-            synced = set()
+            synced, progressed = set(), set()
             for name in sorted(due):
                 if stop.is_set():
                     break
                 # Between full passes, a request-driven sync trusts the verified processes.
-                _sync(engine, name, stop, full)
+                if _sync(engine, name, stop, full):
+                    progressed.add(name)
                 synced.add(name)
             if full:
                 next_full = time.monotonic() + every
@@ -309,11 +310,13 @@ def watch(engine: Engine, interval: float = 0.05, reconcile_interval: float | No
                 # A runtime restart (or a death) seen within a second, not at the next full pass.
                 stale = {n for n in inboxes if not runs_as_recorded(engine, n)}
             # Still waiting after its sync (the per-run limit, or arrived meanwhile), or a sidecar
-            # that no longer runs as recorded: again, after a short pause (an inbox the sync
-            # cannot empty must not spin the loop).
+            # that no longer runs as recorded: again, at once where the last sync answered
+            # something (an agent sending its next request right after its reply), after a short
+            # pause otherwise (an inbox the sync cannot empty must not spin the loop).
             due = {n for n in synced if _has_pending(inboxes[n])} | stale
             if due:
-                stop.wait(min(interval, AGAIN_PAUSE))
+                if due - progressed:
+                    stop.wait(min(interval, AGAIN_PAUSE))
                 continue
             if notify is None:
                 stop.wait(min(interval, max(0.0, next_pulse - time.monotonic())))
@@ -337,7 +340,12 @@ def watch(engine: Engine, interval: float = 0.05, reconcile_interval: float | No
                     continue
                 if mask & (IN_IGNORED | IN_DELETE_SELF | IN_MOVE_SELF):
                     wds.pop(wd, None)  # replaced: watched again on the next pass
-                due.add(watched)
+                    due.add(watched)
+                elif _has_pending(inboxes[watched]):
+                    # Not for a stale event: a request that arrived during a sync is served by the
+                    # sync that follows it, and its event, read afterwards, must not cost the
+                    # channel another reconcile (a later request makes an event of its own).
+                    due.add(watched)
             due |= {n for n in unwatched if _has_pending(inboxes[n])}
     finally:
         if notify is not None:
@@ -363,13 +371,16 @@ def _place(notify: Inotify, inboxes: dict[str, str], wds: dict[int, str]) -> tup
     return unwatched, fresh
 
 
-def _sync(engine: Engine, name: str, stop: threading.Event, full: bool = True) -> None:
+def _sync(engine: Engine, name: str, stop: threading.Event, full: bool = True) -> bool:
+    """One sync of a channel; whether it answered or set aside anything from the inbox."""
     try:
         r = engine.sync(name, full=full)
         if r.handled or r.quarantined or r.replayed or r.respawned or r.removed or r.awaiting_restart:
             log.info("sync %s: %s", name, r.summary())
         for err in r.errors:
             log.warning("sync %s: %s", name, err)
+        return bool(r.handled or r.quarantined or r.replayed)
     except Exception:  # the watcher must outlive any one failure; the next pass retries
         log.exception("sync of channel %s failed", name)
         stop.wait(1.0)
+        return False
