@@ -533,9 +533,9 @@ def attacks(broker: Broker, measure: Any) -> Iterator[Seen]:
         held: dict[str, Any] = {"peak": 0, "root": None}
 
         def hogs_hold_all() -> bool:
-            # Host root is asked at the moment the hogs hold (nearly) all of their uid's instances:
-            # under emulation some hog processes have been seen to end later in the window (a CI
-            # run counted 96 of 128 after 45 s, with 12 refusals logged).
+            # Host root is asked at the moment the hogs hold (nearly) all of their uid's instances.
+            # Under emulation, with the other attacks running, the hogs' 128 dnsmasq starts have
+            # taken more than 45 s (CI runs: 96 and 74 held after 45 s, all 128 a little later).
             n = inotify_instances_open(uid_a)
             held["peak"] = max(held["peak"], n)
             if n >= limit - 8 and held["root"] is None:
@@ -543,7 +543,7 @@ def attacks(broker: Broker, measure: Any) -> Iterator[Seen]:
             return held["root"] is not None
 
         try:
-            wait_until(hogs_hold_all, 45, interval=1, what=f"the hogs to hold uid {uid_a}'s {limit} inotify instances")
+            wait_until(hogs_hold_all, 150, interval=1, what=f"the hogs to hold uid {uid_a}'s {limit} inotify instances")
         except AssertionError as e:
             seen.errors.append(str(e))
         seen.n["uid_a"], seen.n["inotify_limit"] = uid_a, limit
@@ -776,10 +776,8 @@ def test_per_uid_a_sidecar_holding_its_uids_inotify_instances_leaves_the_hosts_a
     # Meanwhile host root processes open theirs, and so does another channel's sidecar (its own uid).
     assert seen.n["root_can_inotify"] and seen.n.get("root_can_inotify_then"), seen.n
     assert seen.n.get("uid_b", seen.n["uid_a"]) != seen.n["uid_a"] and seen.n.get("uid_b_instances", 0) >= 1, seen.n
-    # The hogs still held most of theirs when the other channel's sidecar opened one (at least three
-    # quarters of the limit: under emulation some hog processes were seen to end during the window,
-    # 96 of 128 held after 45 s in one CI run; the kernel counts per uid either way).
-    assert seen.n.get("uid_a_instances_then", 0) >= limit * 3 // 4, seen.n
+    # The hogs still held theirs when the other channel's sidecar opened one.
+    assert seen.n.get("uid_a_instances_then", 0) >= seen.n["uid_a_instances"], seen.n
     answered(seen)
 
 
